@@ -1,0 +1,23 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones the repo with shared/ beside it; a developer checkout has it at the same place.
+REFERENCE = Path(os.environ.get("QWEN_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"golden reference data not found at {REFERENCE}; set QWEN_REFERENCE_DIR")
+    return REFERENCE
+
+
+def load_reference(name: str) -> dict:
+    return json.loads((REFERENCE / name).read_text(encoding="utf-8"))
