@@ -1,0 +1,52 @@
+"""Chat with a Qwen (v1) chat model in the terminal.
+
+    python cli_demo.py                       # the offline demo model
+    python cli_demo.py -c Qwen/Qwen-7B-Chat  # a hub id or a local checkpoint directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen.loading import CheckpointError, load_model_and_tokenizer
+from transformers.utils import logging as hf_logging
+
+from qwen.cli import DEFAULT_SYSTEM, ChatSession, Repl, UserInputError, apply_conf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Qwen terminal chat")
+    parser.add_argument("-c", "--checkpoint-path", default=None,
+                        help="hub id or checkpoint directory (default: the offline demo model)")
+    parser.add_argument("-s", "--seed", type=int, default=1234, help="random seed (default 1234)")
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, help="penalty for repeating tokens (1.0 = off)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    hf_logging.set_verbosity_error()  # keep library warnings out of the conversation
+    overrides = {
+        key: value
+        for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+        if (value := getattr(args, key)) is not None
+    }
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
+        config = apply_conf(model.generation_config, overrides)
+    except (CheckpointError, UserInputError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed)
+    return Repl(session).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The terminal chat's logic without a model: typed :conf parsing, save/load, command dispatch."""
+
+import io
+import json
+
+import pytest
+from transformers import GenerationConfig
+
+from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_conf_items
+
+
+def test_conf_values_are_parsed_by_type_never_evaluated():
+    updates = parse_conf_items(["max_new_tokens=5", "top_p=0.5", "do_sample=false", 'stop_strings=["END"]'])
+    assert updates == {"max_new_tokens": 5, "top_p": 0.5, "do_sample": False, "stop_strings": ["END"]}
+    assert type(updates["max_new_tokens"]) is int and type(updates["top_p"]) is float
+    with pytest.raises(UserInputError, match="bad value for max_new_tokens"):
+        parse_conf_items(["max_new_tokens=__import__('os').system('true')"])
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [("bogus=1", "unknown option 'bogus'"), ("top_p", "is not key=value"), ("top_k=abc", "bad value for top_k")],
+)
+def test_conf_mistakes_name_the_problem(item, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_conf_items([item])
+
+
+def test_apply_conf_validates_and_keeps_the_original():
+    base = GenerationConfig(do_sample=True, top_p=0.8, max_new_tokens=512)
+    new = apply_conf(base, {"max_new_tokens": 5, "temperature": 0})
+    assert new.max_new_tokens == 5 and new.do_sample is False
+    assert base.max_new_tokens == 512 and base.do_sample is True
+    with pytest.raises(UserInputError, match="invalid generation config"):
+        apply_conf(base, {"max_new_tokens": -3})
+
+
+class FakeStreamingModel:
+    """Stands in for the model so the REPL's wiring can be checked without weights."""
+
+    def __init__(self):
+        self.calls = []
+
+    def chat_stream(self, tokenizer, query, history, system, generation_config):
+        self.calls.append((query, list(history), system, generation_config.max_new_tokens))
+        yield "Hel"
+        yield "Hello"
+
+
+def run_repl(lines, model=None, tmp_config=None):
+    model = model or FakeStreamingModel()
+    session = ChatSession(model, None, tmp_config or GenerationConfig(max_new_tokens=512))
+    inputs = iter(lines)
+
+    def read_line(prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    status = Repl(session, out=out, read_line=read_line).run()
+    return status, out.getvalue(), session, model
+
+
+def test_repl_streams_and_applies_conf_to_the_next_turn(tmp_path):
+    status, out, session, model = run_repl(["hi", ":conf max_new_tokens=7", "again", ":conf bogus=1", ":q"])
+    assert status == 0
+    assert "Qwen> Hello\n" in out  # appended pieces, not redrawn text
+    assert [call[3] for call in model.calls] == [512, 7]
+    assert "Error: unknown option 'bogus'" in out
+    assert session.history == [("hi", "Hello"), ("again", "Hello")]
+
+
+def test_save_then_load_restores_history_and_system(tmp_path):
+    path = tmp_path / "chat.json"
+    _, _, session, _ = run_repl(["hi", ":system Be terse.", f":save {path}", ":clh"])
+    assert session.history == [] and json.loads(path.read_text())["history"] == [["hi", "Hello"]]
+    _, out, session, _ = run_repl([f":load {path}", ":his"])
+    assert session.history == [("hi", "Hello")] and session.system == "Be terse."
+    assert "[1] User: hi" in out
+
+
+def test_load_of_a_bad_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    status, out, session, _ = run_repl([f":load {bad}", f":load {tmp_path / 'missing.json'}"])
+    assert status == 0 and session.history == []
+    assert "is not a JSON conversation saved with :save" in out and "cannot read" in out
+
+
+def test_unknown_colon_word_goes_to_the_model():
+    _, _, _, model = run_repl([":hello there"])
+    assert model.calls[0][0] == ":hello there"
