@@ -21,3 +21,18 @@ def reference_dir() -> Path:
 
 def load_reference(name: str) -> dict:
     return json.loads((REFERENCE / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The converted offline demo model; prepared once ($QWEN_DEMO_DIR or the user cache), then reused."""
+    from qwen.demo import demo_checkpoint as prepare
+
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_checkpoint)
