@@ -1,0 +1,242 @@
+"""ChatML prompts, stop words and streaming detokenization, shared by every script.
+
+Works with `qwen.tokenization_qwen.QWenTokenizer` and with any transformers tokenizer that has the ChatML tokens
+<|im_start|> and <|im_end|>. The layout and window trimming follow the original Qwen `make_context`; role and
+content text is always encoded with special-token parsing off, so user text never becomes a control token.
+"""
+
+import codecs
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+CHAT_FORMATS = ("chatml", "raw")
+
+History = Sequence[tuple[str, str]]
+
+
+def _check_chat_format(chat_format: str) -> None:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {chat_format!r}: use one of {', '.join(CHAT_FORMATS)}")
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with special-token text encoded as plain text and no BOS/EOS added (any tokenizer)."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+
+def _token_id(tokenizer, token: str) -> int:
+    try:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+    except (KeyError, ValueError):
+        token_id = None
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(
+            f"the tokenizer {type(tokenizer).__name__} has no {token} token, which ChatML prompts need: "
+            "use a ChatML tokenizer (Qwen, or one with <|im_start|>/<|im_end|>) or chat_format='raw'"
+        )
+    return token_id
+
+
+def chatml_ids(tokenizer) -> tuple[int, int]:
+    """(im_start_id, im_end_id) of any tokenizer that has the ChatML tokens."""
+    return _token_id(tokenizer, IM_START), _token_id(tokenizer, IM_END)
+
+
+def eod_id(tokenizer) -> int:
+    """The end-of-document id: Qwen's <|endoftext|>, else the tokenizer's eos token."""
+    qwen_eod = getattr(tokenizer, "eod_id", None)
+    return qwen_eod if qwen_eod is not None else tokenizer.eos_token_id
+
+
+def make_context(
+    tokenizer,
+    query: str,
+    history: History | None = None,
+    system: str = "",
+    max_window_size: int = 6144,
+    chat_format: str = "chatml",
+) -> tuple[str, list[int]]:
+    """Build the prompt for `query` after `history` [(query, response), ...]: returns (raw_text, context_tokens).
+
+    ChatML: system turn, then as many past turns as fit in `max_window_size` tokens (newest kept first; the first
+    turn that does not fit drops it and everything older), then the query and an open assistant turn.
+    "raw": the query alone, encoded as plain text.
+    """
+    _check_chat_format(chat_format)
+    if chat_format == "raw":
+        return query, encode_plain(tokenizer, query)
+
+    im_start, im_end = chatml_ids(tokenizer)
+    nl = encode_plain(tokenizer, "\n")
+
+    def turn(role: str, content: str) -> tuple[str, list[int]]:
+        """One ChatML turn, "<|im_start|>role\\ncontent<|im_end|>", as text and ids."""
+        ids = [im_start, *encode_plain(tokenizer, role), *nl, *encode_plain(tokenizer, content), im_end]
+        return f"{IM_START}{role}\n{content}{IM_END}", ids
+
+    system_text, system_tokens = turn("system", system)
+    history_text, history_tokens = "", []
+    for past_query, past_response in reversed(history or []):
+        query_text, query_tokens = turn("user", past_query)
+        response_text, response_tokens = turn("assistant", past_response)
+        turn_tokens = nl + query_tokens + nl + response_tokens
+        if len(system_tokens) + len(turn_tokens) + len(history_tokens) >= max_window_size:
+            break
+        history_tokens = turn_tokens + history_tokens
+        history_text = f"\n{query_text}\n{response_text}" + history_text
+
+    query_text, query_tokens = turn("user", query)
+    raw_text = f"{system_text}{history_text}\n{query_text}\n{IM_START}assistant\n"
+    assistant_open = [im_start, *encode_plain(tokenizer, "assistant"), *nl]
+    context_tokens = system_tokens + history_tokens + nl + query_tokens + nl + assistant_open
+    return raw_text, context_tokens
+
+
+def get_stop_words_ids(chat_format: str, tokenizer) -> list[list[int]]:
+    """Id sequences that end a reply: ChatML turn markers, or "Human:" / end-of-document for raw prompts."""
+    _check_chat_format(chat_format)
+    if chat_format == "chatml":
+        im_start, im_end = chatml_ids(tokenizer)
+        return [[im_end], [im_start]]
+    return [encode_plain(tokenizer, "Human:"), [eod_id(tokenizer)]]
+
+
+def decode_tokens(
+    tokens,
+    tokenizer,
+    raw_text_len: int,
+    context_length: int,
+    chat_format: str,
+    verbose: bool = False,
+    return_end_reason: bool = False,
+    errors: str = "replace",
+):
+    """The reply text in `tokens` (prompt + generation), stripped, as the original; optionally with why it ended.
+
+    The prompt is cut off by token count (`context_length`), which is exact for any tokenizer; `raw_text_len` is
+    accepted for compatibility with the original signature. ChatML replies end at the first <|im_end|> or
+    <|im_start|>; raw replies end at <|endoftext|>.
+    """
+    _check_chat_format(chat_format)
+    if torch.is_tensor(tokens):
+        tokens = tokens.tolist()
+    generated = list(tokens[context_length:])
+    end_reason = f"Gen length {len(tokens)}"
+    decode_kwargs = {"errors": errors} if hasattr(tokenizer, "decode_bytes") else {}  # QWenTokenizer only
+
+    if chat_format == "chatml":
+        stop_ids = set(chatml_ids(tokenizer))
+        stop_at = next((i for i, token in enumerate(generated) if token in stop_ids), None)
+        if stop_at is not None:
+            end_reason = f"Gen {tokenizer.decode([generated[stop_at]])!r}"
+            generated = generated[:stop_at]
+        text = tokenizer.decode(generated, **decode_kwargs)
+    else:
+        text = tokenizer.decode(generated, **decode_kwargs)
+        eod_text = tokenizer.decode([eod_id(tokenizer)])
+        if eod_text in text:
+            end_reason = f"Gen {eod_text!r}"
+            text = text.split(eod_text)[0]
+    if verbose:
+        print("\nRaw Generate: ", text)
+        print("\nEnd Reason:", end_reason)
+    text = text.strip()
+    if verbose:
+        print("\nGenerate: ", text)
+    return (text, end_reason) if return_end_reason else text
+
+
+class StopWordsLogitsProcessor(LogitsProcessor):
+    """Forces `eos_token_id` for every row whose ids end with one of `stop_words_ids`."""
+
+    def __init__(self, stop_words_ids: Sequence[Sequence[int]], eos_token_id: int):
+        if not isinstance(stop_words_ids, Sequence) or not all(
+            isinstance(seq, Sequence) and seq and all(isinstance(i, int) and i >= 0 for i in seq)
+            for seq in stop_words_ids
+        ):
+            raise ValueError(
+                f"stop_words_ids must be a list of non-empty lists of token ids, got {stop_words_ids!r}"
+            )
+        if not isinstance(eos_token_id, int) or eos_token_id < 0:
+            raise ValueError(f"eos_token_id must be a token id (int >= 0), got {eos_token_id!r}")
+        # a stop sequence that is just eos needs no forcing: generation already ends on eos
+        self.stop_words_ids = [list(seq) for seq in stop_words_ids if list(seq) != [eos_token_id]]
+        self.eos_token_id = eos_token_id
+
+    def stopped_rows(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for seq in self.stop_words_ids:
+            if len(seq) <= input_ids.shape[1]:
+                tail = input_ids[:, -len(seq) :]
+                stopped |= (tail == torch.tensor(seq, device=input_ids.device)).all(dim=1)
+        return stopped
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        stopped = self.stopped_rows(input_ids)
+        if not stopped.any():
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where(stopped[:, None], forced, scores)
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text as they arrive, never emitting half of a multi-byte character.
+
+    `push(ids)` returns only the new complete text, `finish()` flushes what is pending (U+FFFD where the bytes are
+    really broken), `text` is everything emitted. Work per step is O(new tokens):
+    - QWenTokenizer: token bytes into an incremental UTF-8 decoder (it holds back at most 3 bytes);
+    - other tokenizers: decode a small window (read_offset / prefix_offset) and emit the difference.
+    """
+
+    # a UTF-8 character is at most 4 bytes, so a longer unfinished tail is really broken: emit it
+    MAX_PENDING_TOKENS = 8
+    # emitted ids kept as decoding context for the next step (other tokenizers)
+    PREFIX_TOKENS = 4
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.text = ""
+        self._byte_level = hasattr(tokenizer, "decode_bytes")  # QWenTokenizer exposes token bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._window: list[int] = []  # a few emitted ids, then the pending ones (other tokenizers)
+        self._read_offset = 0  # ids of _window before it are already emitted
+
+    def push(self, token_ids: int | Sequence[int]) -> str:
+        if torch.is_tensor(token_ids):
+            token_ids = token_ids.reshape(-1).tolist()
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        if self._byte_level:
+            data = self.tokenizer.decode_bytes(ids, skip_special_tokens=self.skip_special_tokens)
+            new_text = self._utf8.decode(data)
+        else:
+            self._window.extend(ids)
+            new_text = self._window_delta(final=False)
+        self.text += new_text
+        return new_text
+
+    def finish(self) -> str:
+        new_text = self._utf8.decode(b"", final=True) if self._byte_level else self._window_delta(final=True)
+        self.text += new_text
+        return new_text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _window_delta(self, final: bool) -> str:
+        # Decode the emitted tail (prefix) with and without the new ids: the difference is the new text. The
+        # prefix keeps tokenizers whose decode depends on the neighbouring token (leading spaces) right.
+        prefix_text = self._decode(self._window[: self._read_offset])
+        full_text = self._decode(self._window)
+        pending = len(self._window) - self._read_offset
+        if full_text.endswith("\ufffd") and pending < self.MAX_PENDING_TOKENS and not final:
+            return ""  # a character is still incomplete: wait for its next bytes
+        self._window = self._window[-self.PREFIX_TOKENS :]
+        self._read_offset = len(self._window)
+        return full_text[len(prefix_text) :]
