@@ -1,0 +1,656 @@
+"""The Qwen (v1) architecture for transformers: QWenModel, QWenLMHeadModel, chat() and chat_stream().
+
+Parameter names are those of the 2023 checkpoints (transformer.h.N.attn.c_attn, mlp.w1/w2/c_proj, ...), so
+hub state dicts load as they are. The math follows the original: RMSNorm and rotate-half RoPE in fp32, a
+gated MLP c_proj(w1(x) * silu(w2(x))), dynamic NTK-aware RoPE and logN query scaling above seq_length.
+"""
+
+import copy
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PretrainedConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.generation.streamers import BaseStreamer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_qwen import QWenConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long-context formulas of the original (modeling_qwen.py, 2023): dynamic NTK-aware RoPE and logN attention.
+
+
+def dynamic_ntk_alpha(key_length: int, seq_length: int) -> int:
+    """NTK alpha for a sequence of `key_length` tokens: 1 up to seq_length, then 3, 7, 15, ... per doubling."""
+    # log2 rather than the original's math.log(x, 2): identical for practical lengths, exact at powers of two.
+    context_value = math.log2(key_length / seq_length) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def ntk_scaled_base(base: float, ntk_alpha: float, rotary_dim: int) -> float:
+    return base * ntk_alpha ** (rotary_dim / (rotary_dim - 2))
+
+
+def logn_query_scale(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Per-query factor log(p + 1) / log(seq_length), at least 1 (so 1 up to seq_length), in float64 as the original."""
+    return (torch.log(position_ids.double() + 1) / math.log(seq_length)).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class QWenRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (the original's order of operations).
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        return normed.type_as(hidden_states) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class QWenRotaryEmbedding(nn.Module):
+    """cos/sin of rotate-half RoPE over the first `rotary_dim` dims of each head, in fp32.
+
+    At NTK alpha 1 the values come from a table indexed by position (grown on demand); rows that need another
+    alpha get theirs computed on the fly with the same fp32 arithmetic, so both give identical numbers.
+    """
+
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.dim = config.rotary_dim
+        self.base = float(config.rotary_emb_base)
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(1.0), persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def compute_inv_freq(self, ntk_alpha: float, device=None) -> torch.Tensor:
+        base = ntk_scaled_base(self.base, ntk_alpha, self.dim)
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+
+    def _cos_sin(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def table(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._table is None or self._table[0].shape[0] < length or self._table[0].device != device:
+            size = max(2 * length, 4096)
+            inv_freq = self.compute_inv_freq(1.0, device=device)
+            self._table = self._cos_sin(torch.outer(torch.arange(size, device=device).float(), inv_freq))
+        return self._table
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, max_position: int, ntk_alphas: list[float] | None = None):
+        """position_ids [B, T] -> cos, sin [B, T, rotary_dim]; ntk_alphas: one alpha per row, or None for all 1."""
+        if ntk_alphas is None:
+            cos, sin = self.table(max_position + 1, position_ids.device)
+            return cos[position_ids], sin[position_ids]
+        inv_freq = torch.stack([self.compute_inv_freq(a, device=position_ids.device) for a in ntk_alphas])
+        return self._cos_sin(position_ids.float()[..., None] * inv_freq[:, None, :])
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated over its first cos.shape[-1] dims; cos/sin [B, T, R] fp32. Computed in fp32."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    x_rot = x[..., :rotary_dim].float()
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    if rotary_dim < x.shape[-1]:
+        x_rot = torch.cat((x_rot, x[..., rotary_dim:].float()), dim=-1)
+    return x_rot.type_as(x)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    # The original's softmax runs in the activation dtype unless config.softmax_in_fp32.
+    softmax_dtype = torch.float32 if module.softmax_in_fp32 else attn_weights.dtype
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.num_key_value_groups = 1
+        self.is_causal = True
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        self.softmax_in_fp32 = config.softmax_in_fp32
+        self.attention_dropout = config.attn_dropout_prob
+        projection_size = self.num_heads * self.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection_size)  # the only projection with a bias
+        self.c_proj = nn.Linear(projection_size, config.hidden_size, bias=not config.no_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        query_scale: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        # c_attn's output is [q | k | v], each num_heads * head_dim wide.
+        qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).transpose(1, 3)
+        cos, sin = position_embeddings
+        query_key = apply_rotary_pos_emb(qkv[:, :, :2].flatten(1, 2), cos, sin).unflatten(1, (self.num_heads, 2))
+        query, key, value = query_key[:, :, 0], query_key[:, :, 1], qkv[:, :, 2]
+        if query_scale is not None:  # logN scaling, [B, 1, T, 1]
+            query = query * query_scale.type_as(query)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.c_proj(attn_output.reshape(batch, length, -1))
+        return attn_output, attn_weights
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        width = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(hidden_states) * F.silu(self.w2(hidden_states)))  # w2 is the gate
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        query_scale: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            query_scale=query_scale,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
+    """The original's precision choice: a bf16/fp16/fp32 flag in config.json, else bf16 (or fp16) on CUDA, else fp32."""
+    if (name := config.precision_dtype_name()) is not None:
+        return getattr(torch, name)
+    on_cpu = device_map in ("cpu", torch.device("cpu")) or (
+        isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
+    )
+    if torch.cuda.is_available() and not on_cpu:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _flash_attn_usable(config: QWenConfig) -> bool:
+    if config.use_flash_attn is False or not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# from_pretrained keyword arguments that also locate config.json
+_CONFIG_LOOKUP_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    config: QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": QWenBlock, "attentions": QWenAttention}
+
+    def __init__(self, config: QWenConfig, *inputs, **kwargs):
+        config.check_seq_length()
+        super().__init__(config, *inputs, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, QWenRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(1.0, device=module.inv_freq.device))
+        # GPT-2 scheme, as the original: residual output projections get std / sqrt(2 * layers).
+        if isinstance(module, (QWenAttention, QWenMLP)):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As PreTrainedModel.from_pretrained; without dtype= the precision follows the original (see README)."""
+        dtype = kwargs.pop("dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        config = kwargs.get("config")
+        if (dtype in (None, "auto") or "attn_implementation" not in kwargs) and not isinstance(
+            config, PretrainedConfig
+        ):
+            lookup = {k: kwargs[k] for k in _CONFIG_LOOKUP_KWARGS if k in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **lookup)
+        if dtype in (None, "auto"):
+            dtype = _resolve_precision(config, kwargs.get("device_map"))
+        if "attn_implementation" not in kwargs and _flash_attn_usable(config):
+            kwargs["attn_implementation"] = "flash_attention_2"
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kwargs)
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.rotary_emb = QWenRotaryEmbedding(config)
+        self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def _rerotate_cache(self, cache: Cache, position_ids: torch.Tensor, old: list[float], new: list[float]):
+        """Bring cached keys of rows whose NTK alpha changed from RoPE(old alpha) to RoPE(new alpha).
+
+        Rotations in the same planes compose, so rotating by position * (inv_freq_new - inv_freq_old) is exact up
+        to rounding. Row b's cached keys hold positions position_ids[b, 0] - past .. position_ids[b, 0] - 1
+        (left padding sits at negative positions and is masked anyway).
+        """
+        past = cache.get_seq_length()
+        device = position_ids.device
+        for row, (alpha_old, alpha_new) in enumerate(zip(old, new, strict=True)):
+            if alpha_old == alpha_new:
+                continue
+            delta = self.rotary_emb.compute_inv_freq(alpha_new, device) - self.rotary_emb.compute_inv_freq(
+                alpha_old, device
+            )
+            positions = torch.arange(past, device=device) - past + position_ids[row, 0]
+            cos, sin = self.rotary_emb._cos_sin(positions.float()[:, None] * delta)
+            for layer in cache.layers:
+                keys = layer.keys[row : row + 1, :, :past]
+                keys.copy_(apply_rotary_pos_emb(keys, cos[None], sin[None]))
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # Left-padded rows count positions from their first real token.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+                position_ids = position_ids[:, -length:]
+            else:
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        position_ids = position_ids.to(inputs_embeds.device).expand(batch, -1)
+
+        if isinstance(attention_mask, dict):  # already prepared by generate()
+            causal_mask = attention_mask["full_attention"]
+        else:  # None for sdpa whenever is_causal (or nothing) does the job: plain prefill, unpadded decode
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+
+        # Long context (inference only, as the original): per-row NTK alpha and logN query scaling.
+        seq_length = self.config.seq_length
+        max_position = int(position_ids.max())
+        ntk_alphas, query_scale = None, None
+        if not self.training and max_position + 1 > seq_length:
+            if self.config.use_dynamic_ntk:
+                lengths = (position_ids.max(dim=-1).values + 1).tolist()
+                ntk_alphas = [dynamic_ntk_alpha(n, seq_length) for n in lengths]
+                if past_length > 0:  # cached keys carry the alpha of the length they were computed at
+                    past_lengths = position_ids[:, 0].tolist()
+                    old = [dynamic_ntk_alpha(max(n, 1), seq_length) for n in past_lengths]
+                    self._rerotate_cache(past_key_values, position_ids, old, ntk_alphas)
+                if all(alpha == 1 for alpha in ntk_alphas):
+                    ntk_alphas = None
+            if self.config.use_logn_attn:
+                query_scale = logn_query_scale(position_ids, seq_length)[:, None, :, None]
+        position_embeddings = self.rotary_emb(position_ids, max_position, ntk_alphas)
+
+        hidden_states = self.drop(inputs_embeds)
+        for block in self.h:
+            hidden_states = block(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                query_scale=query_scale,
+                **kwargs,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class _StopFlag(StoppingCriteria):
+    """Ends generation as soon as `stop` is set from another thread (the consumer of a stream went away)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenQueue(BaseStreamer):
+    """Streamer handing generated ids (the prompt skipped) to the consuming thread."""
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(None)
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation with stop words, and the original chat API
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
+        """GenerationMixin.generate, plus the original's `stop_words_ids` (lists of token ids ending generation)."""
+        config = generation_config if generation_config is not None else self.generation_config
+        if stop_words_ids is None:
+            stop_words_ids = getattr(config, "stop_words_ids", None)
+        if stop_words_ids:
+            from qwen_generation_utils import StopWordsLogitsProcessor
+
+            eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+            if isinstance(eos_token_id, list):
+                eos_token_id = eos_token_id[0]
+            logits_processor = LogitsProcessorList(logits_processor or [])
+            logits_processor.append(StopWordsLogitsProcessor(stop_words_ids=stop_words_ids, eos_token_id=eos_token_id))
+        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs)
+
+    def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+        """Shared by chat and chat_stream: the per-call generation config, prompt and stop ids."""
+        from qwen_generation_utils import eod_id, get_stop_words_ids, make_context
+
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        chat_format = getattr(generation_config, "chat_format", "chatml")
+        if chat_format != "chatml":
+            raise ValueError(
+                f"chat() needs a chat model (generation_config.chat_format == 'chatml'); this one is {chat_format!r}, "
+                "a base model: use model.generate() on plain text, or load the -Chat checkpoint."
+            )
+        max_window_size = kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", 6144)
+        unused = generation_config.update(**kwargs)  # per-call overrides (max_new_tokens, top_p, ...)
+        if generation_config.eos_token_id is None:  # e.g. a demo model with another tokenizer
+            generation_config.eos_token_id = eod_id(tokenizer)
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = generation_config.eos_token_id
+        history = [tuple(turn) for turn in (history or [])]
+        raw_text, context_tokens = make_context(
+            tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
+        )
+        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        return generation_config, unused, history, raw_text, input_ids, stop_words_ids
+
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: list[list[int]] | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """One chat turn: returns the response and a new history list with (query, response) appended."""
+        from qwen_generation_utils import decode_tokens
+
+        generation_config, extra, history, raw_text, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        outputs = self.generate(
+            input_ids, generation_config=generation_config, stop_words_ids=stop_words_ids, **extra
+        )
+        response = decode_tokens(
+            outputs[0],
+            tokenizer,
+            raw_text_len=len(raw_text),
+            context_length=input_ids.shape[1],
+            chat_format="chatml",
+            verbose=False,
+            errors="replace",
+        )
+        history.append((query, response))
+        return response, history
+
+    def chat_stream(
+        self,
+        tokenizer,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: list[list[int]] | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> Iterator[str]:
+        """Yields the response so far (cumulative text) as tokens arrive; closing the generator stops generation."""
+        from qwen_generation_utils import IncrementalDetokenizer
+
+        generation_config, extra, _, _, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        # Generation ends on a stop word; those ids and EOS never reach the text.
+        eos = generation_config.eos_token_id
+        end_ids = {ids[0] for ids in stop_words_ids if len(ids) == 1}
+        end_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        streamer, stop_flag = _TokenQueue(), _StopFlag()
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                self.generate(
+                    input_ids,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    stop_words_ids=stop_words_ids,
+                    stopping_criteria=StoppingCriteriaList([stop_flag]),
+                    streamer=streamer,
+                    **extra,
+                )
+            except BaseException as error:  # re-raised in the consumer's thread
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="qwen-chat-stream", daemon=True)
+        worker.start()
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        text, shown = "", ""
+        try:
+            while (ids := streamer.queue.get()) is not None:
+                if any(i in end_ids for i in ids):
+                    ids = ids[: min(ids.index(i) for i in end_ids if i in ids)]
+                    text += detokenizer.push(ids)
+                    break
+                text += detokenizer.push(ids)
+                if (current := text.strip()) != shown:
+                    shown = current
+                    yield shown
+            text += detokenizer.finish()
+            if failure:
+                raise failure[0]
+            if (current := text.strip()) != shown:
+                yield current
+        finally:
+            stop_flag.stop.set()
+            worker.join()
+
+
+__all__ = [
+    "QWenPreTrainedModel",
+    "QWenModel",
+    "QWenLMHeadModel",
+    "dynamic_ntk_alpha",
+    "logn_query_scale",
+]
