@@ -1,0 +1,203 @@
+"""One place that turns a script's `-c/--checkpoint-path` into a ready (model, tokenizer).
+
+A checkpoint is a local directory, a hub id (Hugging Face, with ModelScope as a fallback when `modelscope`
+is installed) or nothing, which means the offline demo model (`qwen.demo`). Everything a person can get
+wrong raises `CheckpointError` with one message saying what is wrong and what to do; scripts print it and
+exit non-zero.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+# Weight files transformers reads, in the order it prefers them.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+# "org/name" as the hubs spell repository ids; anything else that is not a directory is a wrong path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_hint(repo_id: str = "Qwen/Qwen-7B-Chat") -> str:
+    local = repo_id.rsplit("/", 1)[-1]
+    return (f"Download it first with `hf download {repo_id} --local-dir {local}` (huggingface_hub) or "
+            f"`modelscope download --model {repo_id} --local_dir {local}`, then pass `-c {local}`.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint (or a device / dtype choice) that cannot be loaded; the message says what to do."""
+
+
+def resolve_checkpoint(checkpoint: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory for `checkpoint`: the path itself, or a hub snapshot downloaded/cached."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{checkpoint} is a file; pass the checkpoint directory (the one with config.json).")
+    if not HUB_ID.fullmatch(str(checkpoint)):
+        raise CheckpointError(
+            f"No such checkpoint directory: {checkpoint}. Pass a directory holding config.json and the weights, "
+            "or a hub id such as Qwen/Qwen-7B-Chat."
+        )
+    return _download(str(checkpoint), revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except RepositoryNotFoundError:
+        problem = f"{repo_id} was not found on the Hugging Face hub (check the spelling, or log in if it is gated)"
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        why = "hub access is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+            f"the hub is unreachable ({type(exc).__name__})"
+        problem = f"{repo_id} is not in the local hub cache and {why}"
+    if importlib.util.find_spec("modelscope") is not None:
+        try:
+            from modelscope import snapshot_download as modelscope_download
+
+            return Path(modelscope_download(repo_id, revision=revision))
+        except Exception as exc:  # modelscope raises many kinds; any of them means "not available"
+            problem += f"; ModelScope failed too ({type(exc).__name__}: {exc})"
+    raise CheckpointError(f"Cannot get checkpoint {repo_id}: {problem}. {download_hint(repo_id)}")
+
+
+def check_checkpoint(path: Path) -> dict:
+    """config.json of a loadable checkpoint directory; CheckpointError naming what is missing otherwise."""
+    from transformers import CONFIG_MAPPING
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{path} is not a model checkpoint: it has no config.json. Pass the directory that holds config.json "
+            f"and the weights (e.g. a download of Qwen/Qwen-7B-Chat). {download_hint()}"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); download the checkpoint again.") from exc
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") == "gptq":
+        raise CheckpointError(
+            f"{path} is a GPTQ-quantized checkpoint (Int{quantization.get('bits', '?')}): GPTQ support is not "
+            "available yet. Use the BF16 checkpoint of the same model instead (e.g. Qwen/Qwen-7B-Chat rather "
+            "than Qwen/Qwen-7B-Chat-Int4)."
+        )
+    model_type = config.get("model_type")
+    if model_type != "qwen":
+        if model_type not in CONFIG_MAPPING:
+            raise CheckpointError(
+                f"{path} is not a Qwen checkpoint: config.json has model_type {model_type!r}, which neither this "
+                "repository nor transformers knows. Pass a Qwen (v1) checkpoint such as Qwen/Qwen-7B-Chat."
+            )
+        print(f"note: {path} is a {model_type!r} model, not Qwen (v1): loading it with transformers' own "
+              "classes.", file=sys.stderr)
+    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        raise CheckpointError(
+            f"{path} has no model weights (none of {', '.join(WEIGHT_FILES)}): the download is incomplete. "
+            f"{download_hint()}"
+        )
+    if weights[0].endswith(".index.json"):
+        index = json.loads((path / weights[0]).read_text(encoding="utf-8"))
+        missing = sorted({shard for shard in index.get("weight_map", {}).values() if not (path / shard).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks {len(missing)} weight shard(s) listed in {weights[0]} (e.g. {missing[0]}): the "
+                f"download is incomplete. {download_hint()}"
+            )
+    return config
+
+
+def resolve_device(device: str | None, cpu_only: bool) -> str:
+    """'cpu', 'cuda[:N]', 'mps' ... or 'auto' (spread over the GPUs with accelerate)."""
+    if cpu_only:
+        return "cpu"
+    if device in (None, "auto"):
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"Device {device!r} was asked for but CUDA is not available; run with --cpu-only.")
+    return str(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """dtype None/"auto": bf16 on a GPU that has it, fp16 on other GPUs, fp32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device == "cpu" or not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if str(dtype).lower() not in DTYPES:
+        raise CheckpointError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
+    return DTYPES[str(dtype).lower()]
+
+
+def load_generation_config(path: Path):
+    """generation_config.json with every key kept (chat_format, max_window_size, stop_words_ids ...)."""
+    from transformers import GenerationConfig
+
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return None
+    return GenerationConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+
+
+def _demo_path() -> Path:
+    from .demo import DEMO_LICENSE, DEMO_NAME, demo_checkpoint
+
+    path = demo_checkpoint()
+    print(f"Running the offline demo model {DEMO_NAME} ({DEMO_LICENSE}; not Qwen, for trying the scripts out). "
+          "Run a real Qwen checkpoint with `-c Qwen/Qwen-7B-Chat` or `-c /path/to/checkpoint`.", file=sys.stderr)
+    return path
+
+
+def load_model_and_tokenizer(checkpoint: str | None = None, *, device: str | None = None,
+                             dtype: str | torch.dtype | None = None, cpu_only: bool = False,
+                             revision: str | None = None, demo_if_none: bool = True, **model_kwargs):
+    """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
+
+    The model is in eval mode, on `device` ("auto": all GPUs via accelerate, else the CPU), in `dtype`
+    ("auto": bf16/fp16 on a GPU, fp32 on the CPU), with generation_config.json read into
+    model.generation_config. `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qwen  # noqa: F401  registers model_type "qwen": the hub's auto_map is never executed
+
+    if checkpoint is None:
+        if not demo_if_none:
+            raise CheckpointError("No checkpoint given: pass -c Qwen/Qwen-7B-Chat or -c /path/to/checkpoint.")
+        path = _demo_path()
+    else:
+        path = resolve_checkpoint(str(checkpoint), revision)
+    check_checkpoint(path)
+    device = resolve_device(device, cpu_only)
+    torch_dtype = resolve_dtype(dtype, device)
+    placement = {"device_map": "auto"} if device == "auto" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **model_kwargs)
+    except (OSError, SafetensorError) as exc:  # unreadable or truncated files
+        raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
+    if device not in ("auto", "cpu"):
+        model.to(device)
+    generation_config = load_generation_config(path)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model.eval(), tokenizer
+
+
+__all__ = ["CheckpointError", "load_model_and_tokenizer", "resolve_checkpoint", "check_checkpoint"]
