@@ -194,8 +194,8 @@ class IncrementalDetokenizer:
     - other tokenizers: decode a small window (read_offset / prefix_offset) and emit the difference.
     """
 
-    # a UTF-8 character is at most 4 bytes, so a longer unfinished tail is really broken: emit it
-    MAX_PENDING_TOKENS = 8
+    # an unfinished UTF-8 character has at most 3 bytes, so at most 3 ids are ever held back
+    MAX_HELD_TOKENS = 3
     # emitted ids kept as decoding context for the next step (other tokenizers)
     PREFIX_TOKENS = 4
 
@@ -233,27 +233,16 @@ class IncrementalDetokenizer:
         # Decode the emitted tail (prefix) with and without the new ids: the difference is the new text. The
         # prefix keeps tokenizers whose decode depends on the neighbouring token (leading spaces) right.
         prefix_text = self._decode(self._window[: self._read_offset])
-        full_text = self._decode(self._window)
         pending = len(self._window) - self._read_offset
-        if full_text.endswith("\ufffd") and pending < self.MAX_PENDING_TOKENS and not final:
-            return ""  # a character is still incomplete: wait for its next bytes
-        self._window = self._window[-self.PREFIX_TOKENS :]
-        self._read_offset = len(self._window)
-        return full_text[len(prefix_text) :]
-
-
-def make_continuation_context(
-    tokenizer, history: History, system: str = "", max_window_size: int = 6144
-) -> tuple[str, list[int]]:
-    """ChatML prompt that continues the last assistant reply of `history` (its <|im_end|> left off).
-
-    Used for ReAct follow-ups, where the last reply ends with "Observation: <tool result>\\nThought:" and the
-    model writes on from there. As the original openai_api.py, every query and reply is stripped of leading
-    newlines and trailing whitespace; the layout is make_context's (earlier turns trimmed to the window).
-    """
-    if not history:
-        raise ValueError("make_continuation_context needs a history whose last reply is to be continued")
-    stripped = [(query.lstrip("\n").rstrip(), response.lstrip("\n").rstrip()) for query, response in history]
-    *earlier, (last_query, last_response) = stripped
-    raw_text, tokens = make_context(tokenizer, last_query, earlier, system, max_window_size)
-    return raw_text + last_response, tokens + encode_plain(tokenizer, last_response)
+        # Hold back the last 0, 1, .. 3 ids until the new text no longer ends in an unfinished character; if
+        # none does, the bytes are really broken (or a real U+FFFD): the last try (0 held) sends them as they are.
+        max_held = 0 if final else min(self.MAX_HELD_TOKENS, pending)
+        for held in (*range(max_held + 1), 0):
+            end = len(self._window) - held
+            new_text = self._decode(self._window[:end])[len(prefix_text) :]
+            if not new_text.endswith("\ufffd"):
+                break
+        emitted, held_ids = self._window[:end], self._window[end:]
+        self._window = emitted[-self.PREFIX_TOKENS :] + held_ids
+        self._read_offset = min(len(emitted), self.PREFIX_TOKENS)
+        return new_text

@@ -123,10 +123,11 @@ class QWenTokenizer(PreTrainedTokenizer):
         }
         self._special_ids = frozenset(self.special_tokens.values())
 
-    # tiktoken's Encoding is not worth pickling (it would carry the ranks twice): rebuild it on load.
+    # tiktoken's Encoding is not picklable in older tiktoken and would carry the ranks twice: rebuild on load.
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("encoding", None)
+        for derived in ("encoding", "decoder", "_special_ids"):
+            state.pop(derived, None)
         return state
 
     def __setstate__(self, state):
