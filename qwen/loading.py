@@ -51,6 +51,15 @@ def resolve_checkpoint(checkpoint: str, revision: str | None = None) -> Path:
     return _download(str(checkpoint), revision)
 
 
+def _modelscope_download():
+    """ModelScope's snapshot_download when `modelscope` is installed (the fallback hub), else None."""
+    if importlib.util.find_spec("modelscope") is None:
+        return None
+    from modelscope import snapshot_download
+
+    return snapshot_download
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -63,10 +72,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         why = "hub access is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
             f"the hub is unreachable ({type(exc).__name__})"
         problem = f"{repo_id} is not in the local hub cache and {why}"
-    if importlib.util.find_spec("modelscope") is not None:
+    if (modelscope_download := _modelscope_download()) is not None:
         try:
-            from modelscope import snapshot_download as modelscope_download
-
             return Path(modelscope_download(repo_id, revision=revision))
         except Exception as exc:  # modelscope raises many kinds; any of them means "not available"
             problem += f"; ModelScope failed too ({type(exc).__name__}: {exc})"
