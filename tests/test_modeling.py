@@ -1,0 +1,346 @@
+"""QWen architecture: config keys, checkpoint names, parity with transformers' Qwen2/Llama, cache, long context."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
+
+from qwen.configuration_qwen import QWenConfig
+from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale
+from qwen.weights import llama_to_qwen, qwen_to_qwen2
+
+VOCAB = 128
+
+
+def tiny_config(**overrides) -> QWenConfig:
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=16,
+        intermediate_size=192,
+        seq_length=64,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # wide logit gaps: greedy choices do not hinge on rounding
+    )
+    return QWenConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> QWenLMHeadModel:
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # random biases and norm weights, so that a wrong split or a skipped norm shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), width))  # 0 is the pad id
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def qwen2_twin(model: QWenLMHeadModel) -> Qwen2ForCausalLM:
+    qwen2_config, state_dict = qwen_to_qwen2(model.config, model.state_dict())
+    twin = Qwen2ForCausalLM(qwen2_config).eval()
+    missing, unexpected = twin.load_state_dict(state_dict, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and checkpoint layout
+
+
+def test_legacy_config_keys_map_to_final_names_and_unknown_keys_are_kept():
+    legacy = dict(
+        n_embd=64, n_head=4, n_layer=2, n_positions=6144, ffn_hidden_size=192, padded_vocab_size=160,
+        vocab_size=151, embd_pdrop=0.1, attn_pdrop=0.2, seq_length=2048, kv_channels=16,
+        layer_norm_epsilon=1e-5, rotary_emb_base=10000, bias_dropout_fusion=True, onnx_safe=None,
+    )  # fmt: skip
+    config = QWenConfig(**legacy)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (64, 4, 2)
+    assert (config.max_position_embeddings, config.intermediate_size) == (6144, 192)
+    assert config.vocab_size == 160  # the embedding was sized from padded_vocab_size
+    assert (config.emb_dropout_prob, config.attn_dropout_prob) == (0.1, 0.2)
+    assert config.bias_dropout_fusion is True and config.onnx_safe is None
+    assert config.n_embd == 64  # old names still read
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = tiny_config(use_flash_attn="auto", auto_map={"AutoConfig": "configuration_qwen.QWenConfig"})
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "qwen" and saved["seq_length"] == 64 and "auto_map" in saved
+    assert QWenConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+def test_missing_seq_length_is_a_clear_error():
+    with pytest.raises(ValueError, match="seq_length"):
+        QWenLMHeadModel(tiny_config(seq_length=None))
+
+
+def test_parameter_names_match_the_hub_checkpoints():
+    names = set(tiny_model().state_dict())
+    per_layer = ["ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "ln_2.weight",
+                 "mlp.w1.weight", "mlp.w2.weight", "mlp.c_proj.weight"]  # fmt: skip
+    expected = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    expected |= {f"transformer.h.{i}.{name}" for i in range(2) for name in per_layer}
+    assert names == expected  # rotary inv_freq is not persistent, c_attn has the only bias
+
+
+def test_mlp_is_c_proj_of_w1_times_silu_w2():
+    mlp = tiny_model().transformer.h[0].mlp
+    x = torch.randn(3, 64)
+    expected = mlp.c_proj(mlp.w1(x) * torch.nn.functional.silu(mlp.w2(x)))
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp.w1.out_features == 192 // 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with transformers' own implementations (below seq_length, where NTK and logN do not act)
+
+
+def test_parity_with_qwen2_one_sequence():
+    model = tiny_model()
+    twin = qwen2_twin(model)
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        assert (model(ids).logits - twin(ids).logits).abs().max() <= 1e-4
+
+
+def test_parity_with_qwen2_left_padded_batch():
+    model = tiny_model()
+    twin = qwen2_twin(model)
+    ids, mask = left_padded_batch([30, 17, 5])
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits  # positions derived from the mask
+        theirs = twin(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-4
+
+
+def test_parity_with_qwen2_incremental_decoding():
+    model = tiny_model()
+    twin = qwen2_twin(model)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        ours = model(ids[:, :10], use_cache=True)
+        theirs = twin(ids[:, :10], use_cache=True)
+        for t in range(10, 24):
+            ours = model(ids[:, t : t + 1], past_key_values=ours.past_key_values, use_cache=True)
+            theirs = twin(ids[:, t : t + 1], past_key_values=theirs.past_key_values, use_cache=True)
+            assert (ours.logits - theirs.logits).abs().max() <= 1e-4
+        full = model(ids).logits[:, -1]
+    assert (ours.logits[:, -1] - full).abs().max() <= 1e-4
+
+
+def test_parity_with_qwen2_greedy_generation():
+    model = tiny_model()
+    twin = qwen2_twin(model)
+    ids, mask = left_padded_batch([12, 7])
+    kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    ours = model.generate(ids, **kwargs)
+    theirs = twin.generate(ids, **kwargs)
+    assert ours.shape == (2, 12 + 32)
+    assert torch.equal(ours, theirs)
+
+
+def test_llama_to_qwen_matches_llama_with_gqa_and_tied_embeddings():
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )  # fmt: skip
+    llama = LlamaForCausalLM(llama_config).eval()
+    config, state_dict = llama_to_qwen(llama_config, llama.state_dict())
+    assert (config.kv_channels, config.intermediate_size, config.rotary_emb_base) == (16, 192, 5000.0)
+    assert config.seq_length == 128 and not config.use_dynamic_ntk and not config.use_logn_attn
+    assert config.tie_word_embeddings and "lm_head.weight" not in state_dict
+    model = QWenLMHeadModel(config).eval()
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected and set(missing) == {"lm_head.weight"}
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.count_nonzero(state_dict["transformer.h.0.attn.c_attn.bias"]) == 0
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        assert (model(ids).logits - llama(ids).logits).abs().max() <= 1e-4
+
+
+def test_batched_greedy_generation_equals_one_by_one():
+    model = tiny_model()
+    ids, mask = left_padded_batch([20, 9, 14])
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for row in range(3):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = model.generate(
+            alone, attention_mask=torch.ones_like(alone), max_new_tokens=16, do_sample=False, pad_token_id=0
+        )
+        assert torch.equal(single[0, -16:], batched[row, -16:])
+
+
+def test_chunked_prefill_on_top_of_a_cache_is_causal():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        first = model(ids[:, :12], use_cache=True)
+        second = model(ids[:, 12:], past_key_values=first.past_key_values, use_cache=True)
+        full = model(ids).logits
+    assert (second.logits - full[:, 12:]).abs().max() <= 1e-4
+
+
+def test_explicit_position_ids_are_honoured():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 10))
+    gapped = torch.cat([torch.arange(5), torch.arange(9, 14)])[None]
+    with torch.no_grad():
+        default = model(ids).logits
+        same = model(ids, position_ids=torch.arange(10)[None]).logits
+        shifted = model(ids, position_ids=torch.arange(5, 15)[None]).logits  # RoPE is relative: same logits
+        with_gap = model(ids, position_ids=gapped).logits
+    torch.testing.assert_close(same, default)
+    torch.testing.assert_close(shifted, default, rtol=0, atol=1e-4)
+    assert (with_gap[:, 5:] - default[:, 5:]).abs().max() > 1e-3  # RoPE saw the given positions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long context: dynamic NTK and logN
+
+
+def test_dynamic_ntk_alpha_at_and_around_boundaries():
+    seq_length = 2048
+    expected = {1: 1, 1024: 1, 2047: 1, 2048: 1, 2049: 3, 4096: 3, 4097: 7, 8192: 7, 8193: 15, 16385: 31}
+    for key_length, alpha in expected.items():
+        formula = max(2 ** math.ceil(math.log(key_length / seq_length, 2) + 1) - 1, 1)  # the original
+        assert dynamic_ntk_alpha(key_length, seq_length) == alpha == formula
+
+
+def test_logn_scale_at_and_around_boundaries():
+    seq_length = 16
+    positions = torch.tensor([0, 14, 15, 16, 31, 255])  # query p scaled by log(p + 1) / log(seq_length), >= 1
+    scale = logn_query_scale(positions, seq_length)
+    expected = [1.0, 1.0, 1.0, math.log(17, 16), math.log(32, 16), 2.0]
+    torch.testing.assert_close(scale, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_ntk_base_follows_the_original_formula():
+    model = tiny_model(rotary_pct=0.5)  # rotary over 8 of 16 head dims
+    rotary = model.transformer.rotary_emb
+    assert rotary.dim == 8
+    base = 10000 * 3 ** (8 / 6)
+    expected = 1.0 / (base ** (torch.arange(0, 8, 2).float() / 8))
+    torch.testing.assert_close(rotary.compute_inv_freq(3), expected)
+
+
+def _last_logits_with_and_without_cache(model, ids, mask, prefill):
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits[:, -1]
+        out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+        for t in range(prefill, ids.shape[1]):
+            out = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values, use_cache=True
+            )
+    return out.logits[:, -1], full
+
+
+def test_long_input_same_last_logits_with_and_without_cache():
+    model = tiny_model(seq_length=16)  # NTK alpha 3 and logN for 17..32 tokens
+    ids, mask = left_padded_batch([30, 28])  # 20 and 18 tokens at prefill: all within alpha 3
+    cached, full = _last_logits_with_and_without_cache(model, ids, mask, prefill=20)
+    assert (cached - full).abs().max() <= 1e-4
+    with torch.no_grad():  # and the long-context path really acted
+        model.config.use_dynamic_ntk = model.config.use_logn_attn = False
+        plain = model(ids, attention_mask=mask).logits[:, -1]
+    assert (plain - full).abs().max() > 1e-3
+
+
+def test_ntk_alpha_is_recomputed_when_generation_crosses_a_boundary(monkeypatch):
+    # One layer: cached keys depend on the tokens only, so re-rotating them to the new alpha makes decoding
+    # across the boundaries (16 -> 32 -> 64 tokens) exact; keeping the prefill's alpha (the original) is not.
+    model = tiny_model(num_hidden_layers=1, seq_length=16)
+    ids, mask = left_padded_batch([40, 33])
+    cached, full = _last_logits_with_and_without_cache(model, ids, mask, prefill=10)
+    assert (cached - full).abs().max() <= 1e-4
+    monkeypatch.setattr(type(model.transformer), "_rerotate_cache", lambda *args: None)
+    frozen, _ = _last_logits_with_and_without_cache(model, ids, mask, prefill=10)
+    assert (frozen - full).abs().max() > 1e-3
+
+
+def test_ntk_alpha_is_per_sample_in_a_batch():
+    model = tiny_model(seq_length=16)
+    ids, mask = left_padded_batch([40, 12])  # alpha 7 for the first row, 1 for the second
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits[:, -1]
+        for row in range(2):
+            alone = model(ids[row : row + 1, mask[row].bool()]).logits[:, -1]
+            assert (alone - batched[row]).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backends, training, save / load
+
+
+def test_eager_and_sdpa_agree_and_eager_returns_attentions():
+    model = tiny_model()
+    ids, mask = left_padded_batch([20, 13])
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids, attention_mask=mask, output_attentions=True)
+    real = mask.bool()
+    assert (sdpa[real] - eager.logits[real]).abs().max() <= 1e-4
+    assert len(eager.attentions) == 2
+    weights = eager.attentions[0]
+    assert weights.shape == (2, 4, 20, 20)
+    torch.testing.assert_close(weights[1, :, 7:].sum(-1), torch.ones(4, 13))
+    assert torch.all(weights[0].triu(1) == 0) and torch.all(weights[1, :, 7:, 7:].triu(1) == 0)  # causal
+    assert torch.all(weights[1, :, 7:, :7] == 0)  # padding never attended
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, VOCAB, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()  # formerly gradient_checkpointing_enable
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded, info = QWenLMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
+
+
+def test_precision_follows_config_flags_and_dtype_argument(tmp_path):
+    model = tiny_model(bf16=True)
+    model.save_pretrained(tmp_path)
+    assert QWenLMHeadModel.from_pretrained(tmp_path).dtype == torch.bfloat16  # the config flag
+    assert QWenLMHeadModel.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(bf16=False, dtype=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = torch.float32 if not torch.cuda.is_available() else None
+    auto = QWenLMHeadModel.from_pretrained(tmp_path, device_map="auto")
+    assert expected is None or auto.dtype == expected  # auto: fp32 on CPU
