@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale
