@@ -1,0 +1,272 @@
+"""The batched engine gives each request what it would get alone, and serves them together without blocking."""
+
+import asyncio
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from qwen.engine import (
+    Engine,
+    FinishEvent,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    TokenEvent,
+)
+
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+# prompts of different lengths, each with its own budget, so rows join and leave the batch at different steps
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 112)), [7], [42, 43, 44]]
+BUDGETS = [12, 9, 6, 10, 8]
+HF_MODELS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+HAS_QWEN_MODEL = importlib.util.find_spec("qwen.modeling_qwen") is not None
+
+
+def _hf_model(name):
+    # a larger init than the default spreads the logits, so greedy picks are not near-ties
+    common = dict(TINY, intermediate_size=128, num_key_value_heads=2, initializer_range=0.1)
+    config_cls, model_cls = HF_MODELS[name]
+    return model_cls(config_cls(**common, bos_token_id=None, eos_token_id=None, pad_token_id=0))
+
+
+def _qwen_model():
+    from qwen.configuration_qwen import QWenConfig
+    from qwen.modeling_qwen import QWenLMHeadModel
+
+    # seq_length below the longest prompt + budget, so dynamic NTK and logN scaling act on some rows only
+    config = QWenConfig(**TINY, kv_channels=16, intermediate_size=256, seq_length=16, initializer_range=0.1)
+    return QWenLMHeadModel(config)
+
+
+def _build(name):
+    torch.manual_seed(0)
+    model = (_qwen_model() if name == "qwen" else _hf_model(name)).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like the engine
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build("llama")
+
+
+def reference(model, prompt, n):
+    """Greedy tokens of model.generate on the prompt alone, no padding."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0, **kw)
+
+
+def run_staggered(engine, prompts, params):
+    """Submit requests at different steps of a hand-stepped engine; return their results."""
+    handles = [engine.submit(prompts[0], params[0])]
+    for _ in range(2):
+        engine.step()
+    handles.append(engine.submit(prompts[1], params[1]))
+    engine.step()
+    handles += [
+        engine.submit(p, q) for p, q in zip(prompts[2:], params[2:], strict=True)
+    ]  # one batched prefill
+    peak = 0
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+        peak = max(peak, engine.num_running)
+        if engine._mask is not None:  # leading columns that are padding for every row get trimmed
+            assert engine._mask[:, 0].any()
+    return [h.result() for h in handles], peak
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama",
+        "qwen2",
+        pytest.param(
+            "qwen", marks=pytest.mark.skipif(not HAS_QWEN_MODEL, reason="qwen/modeling_qwen.py missing")
+        ),
+    ],
+)
+def test_staggered_batch_matches_generate_alone(name):
+    model = _build(name)
+    expected = [reference(model, p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    results, peak = run_staggered(Engine(model, max_batch_size=4), PROMPTS, [greedy(n) for n in BUDGETS])
+    assert peak == 4  # rows really shared the batch
+    assert [tokens for tokens, _ in results] == expected
+    assert [(f.reason, f.prompt_tokens, f.completion_tokens) for _, f in results] == [
+        ("length", len(p), n) for p, n in zip(PROMPTS, BUDGETS, strict=True)
+    ]
+
+
+def test_seeded_sampling_ignores_batch_company(model):
+    params = SamplingParams(
+        max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2, presence_penalty=0.5,
+        frequency_penalty=0.3, seed=1234,
+    )  # fmt: skip
+    alone = Engine(model)
+    handle = alone.submit(PROMPTS[1], params)
+    while alone.num_running or alone.num_waiting:
+        alone.step()
+    tokens_alone, _ = handle.result()
+
+    company = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in BUDGETS]
+    company[1] = params  # joins a running batch at the second step
+    results, _ = run_staggered(Engine(model, max_batch_size=4), PROMPTS, company)
+    assert results[1][0] == tokens_alone
+
+    other_seed = Engine(model)
+    handle = other_seed.submit(PROMPTS[1], SamplingParams(**{**params.__dict__, "seed": 4321}))
+    while other_seed.num_running or other_seed.num_waiting:
+        other_seed.step()
+    assert handle.result()[0] != tokens_alone  # the seed is really used
+
+
+def test_cancel_frees_the_slot(model):
+    with Engine(model, max_batch_size=1, max_queue=1) as engine:
+        first = engine.submit(PROMPTS[0], greedy(100_000))
+        events = iter(first)
+        assert isinstance(next(events), TokenEvent)
+        with pytest.raises(QueueFullError):
+            engine.submit(PROMPTS[1], greedy(3))
+        first.cancel()
+        final = [e for e in events if isinstance(e, FinishEvent)][0]
+        assert final.reason == "cancelled"
+        assert engine.num_running == 0
+        tokens, finish = engine.submit(PROMPTS[1], greedy(3)).result()
+        assert (tokens, finish.reason) == (reference(model, PROMPTS[1], 3), "length")
+
+
+def test_leaving_an_iteration_cancels(model):
+    with Engine(model) as engine:
+        handle = engine.submit(PROMPTS[0], greedy(100_000))
+        for _ in handle:
+            break
+        assert handle.cancelled
+        tokens, _ = engine.submit(PROMPTS[1], greedy(2)).result()  # the engine goes on serving
+        assert tokens == reference(model, PROMPTS[1], 2)
+
+
+def test_queue_limit_counts_waiting_and_running(model):
+    engine = Engine(model, max_batch_size=2, max_queue=3)
+    handles = [engine.submit(p, greedy(5)) for p in PROMPTS[:3]]
+    with pytest.raises(QueueFullError, match="retry later"):
+        engine.submit(PROMPTS[3], greedy(5))
+    handles[2].cancel()  # still waiting: leaves the queue at once
+    assert handles[2].result() == ([], FinishEvent("cancelled", len(PROMPTS[2]), 0))
+    engine.submit(PROMPTS[3], greedy(5))
+
+
+def test_logprobs_are_log_softmax_of_a_plain_forward(model):
+    engine = Engine(model)
+    handle = engine.submit(PROMPTS[0], greedy(6, logprobs=True, top_logprobs=3))
+    engine.submit(PROMPTS[2], greedy(6))  # padded neighbour
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    events = [e for e in handle if isinstance(e, TokenEvent)]
+    ids = PROMPTS[0] + [e.token_id for e in events]
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)[len(PROMPTS[0]) - 1 : -1]
+    for event, row in zip(events, logprobs, strict=True):
+        assert event.logprob == pytest.approx(float(row[event.token_id]), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t for t, _ in event.top_logprobs] == top.indices.tolist()
+        assert [lp for _, lp in event.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_stop_token_ends_with_stop(model):
+    expected = reference(model, PROMPTS[3], 10)
+    stop = expected[4]
+    cut = expected.index(stop)
+    engine = Engine(model)
+    handle = engine.submit(PROMPTS[3], greedy(10, stop_token_ids=[stop]))
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    tokens, finish = handle.result()
+    assert tokens == expected[:cut]  # the stop token itself is not emitted
+    assert (finish.reason, finish.completion_tokens) == ("stop", cut + 1)
+
+
+def test_context_limit(model):
+    engine = Engine(model, max_context=10)
+    with pytest.raises(PromptTooLongError, match="context window is 10"):
+        engine.submit(list(range(10)), greedy(1))
+    handle = engine.submit(list(range(8)), greedy(5))  # clamped to the 2 tokens that fit
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    tokens, finish = handle.result()
+    assert (len(tokens), finish.reason) == (2, "length")
+
+
+def test_bad_sampling_parameters_are_named():
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(model):
+    calls = []
+
+    def flaky(**inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return model(**inputs)
+
+    with Engine(model) as engine:
+        engine.model = flaky
+        tokens, finish = engine.submit(PROMPTS[0], greedy(3)).result()
+        assert (tokens, finish.reason) == ([], "error")
+        assert "simulated out of memory" in finish.error
+        tokens, finish = engine.submit(PROMPTS[1], greedy(3)).result()
+        assert (tokens, finish.reason) == (reference(model, PROMPTS[1], 3), "length")
+
+
+def test_shutdown_ends_open_requests(model):
+    engine = Engine(model).start()
+    handle = engine.submit(PROMPTS[0], greedy(100_000))
+    next(iter(handle))
+    engine.shutdown()
+    assert [e for e in handle if isinstance(e, FinishEvent)][0].reason == "cancelled"
+
+
+def test_async_streams_leave_the_event_loop_free(model):
+    budgets = (80, 60)
+    expected = [reference(model, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
+
+    async def main(engine):
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        async def consume(prompt, n):
+            tokens = []
+            async for event in engine.submit(prompt, greedy(n)):
+                if isinstance(event, TokenEvent):
+                    tokens.append(event.token_id)
+            return tokens
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        streams = await asyncio.gather(*(consume(p, n) for p, n in zip(PROMPTS, budgets, strict=False)))
+        during = ticks - start
+        done.set()
+        await ticking
+        return streams, during
+
+    with Engine(model) as engine:
+        streams, ticks_during_generation = asyncio.run(main(engine))
+    assert streams == expected
+    assert ticks_during_generation > 10  # the ticker kept running while tokens were being generated
