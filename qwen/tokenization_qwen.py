@@ -77,7 +77,17 @@ def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 class QWenTokenizer(PreTrainedTokenizer):
-    """Qwen (v1) tokenizer. Regular tokens are `bytes`, special tokens are `str` (as in the original)."""
+    """Qwen (v1) tokenizer. Regular tokens are `bytes`, special tokens are `str` (as in the original).
+
+    Args:
+        vocab_file: qwen.tiktoken; default: the copy shipped by the `dashscope` package.
+        errors: how `decode` treats bytes that are not valid UTF-8 ("replace"; overridable per call).
+        extra_vocab_file: more "base64token rank" lines to append (tokens or ids already present are skipped).
+        **kwargs: transformers tokenizer options, e.g. pad_token="<|extra_0|>" (only existing special tokens).
+
+    `encode(text)` parses special-token text as control tokens (the original default); pass
+    `allowed_special=set()` (or `split_special_tokens=True`) to encode it as plain text.
+    """
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
@@ -94,7 +104,7 @@ class QWenTokenizer(PreTrainedTokenizer):
             logger.info(
                 "QWenTokenizer: no qwen.tiktoken given, using the copy shipped by dashscope: %s", vocab_file
             )
-        self.errors = errors  # how decode() treats bytes that are not valid UTF-8
+        self.errors = errors
         self.mergeable_ranks = load_tiktoken_bpe(vocab_file)
         self.special_tokens = dict(SPECIAL_TOKENS)
         if extra_vocab_file is not None:
