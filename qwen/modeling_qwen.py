@@ -571,9 +571,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         )
         outputs = self.generate(
             input_ids, generation_config=generation_config, stop_words_ids=stop_words_ids, **extra
-        )
+        )[0].tolist()
+        # EOS (forced after a stop word, or padding) is never part of the reply.
+        eos = generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        end = next((i for i in range(input_ids.shape[1], len(outputs)) if outputs[i] in eos_ids), len(outputs))
         response = decode_tokens(
-            outputs[0],
+            outputs[:end],
             tokenizer,
             raw_text_len=len(raw_text),
             context_length=input_ids.shape[1],
