@@ -35,8 +35,8 @@ def _qwen_model():
     from qwen.configuration_qwen import QWenConfig
     from qwen.modeling_qwen import QWenLMHeadModel
 
-    # seq_length below the longest prompt + budget, so dynamic NTK and logN scaling act on some rows only
-    config = QWenConfig(**TINY, kv_channels=16, intermediate_size=256, seq_length=16, initializer_range=0.1)
+    # seq_length 8: some rows start above it, others cross it while in the batch (NTK alpha and logN change)
+    config = QWenConfig(**TINY, kv_channels=16, intermediate_size=256, seq_length=8, initializer_range=0.1)
     return QWenLMHeadModel(config)
 
 
@@ -60,12 +60,23 @@ def reference(model, prompt, n):
     return out[0, len(prompt) :].tolist()
 
 
+def reference_logprobs(model, prompt, n):
+    """Log-probabilities of each greedy token under model.generate on the prompt alone."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, len(prompt) :]
+    return [float(step[0].log_softmax(-1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
+
+
 def greedy(n, **kw):
     return SamplingParams(max_new_tokens=n, temperature=0, **kw)
 
 
-def run_staggered(engine, prompts, params):
-    """Submit requests at different steps of a hand-stepped engine; return their results."""
+def run_staggered(engine, prompts, params, collect=True):
+    """Submit requests at different steps of a hand-stepped engine; return their results (or handles)."""
     handles = [engine.submit(prompts[0], params[0])]
     for _ in range(2):
         engine.step()
@@ -80,7 +91,7 @@ def run_staggered(engine, prompts, params):
         peak = max(peak, engine.num_running)
         if engine._mask is not None:  # leading columns that are padding for every row get trimmed
             assert engine._mask[:, 0].any()
-    return [h.result() for h in handles], peak
+    return ([h.result() for h in handles] if collect else handles), peak
 
 
 @pytest.mark.parametrize(
@@ -96,9 +107,16 @@ def run_staggered(engine, prompts, params):
 def test_staggered_batch_matches_generate_alone(name):
     model = _build(name)
     expected = [reference(model, p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
-    results, peak = run_staggered(Engine(model, max_batch_size=4), PROMPTS, [greedy(n) for n in BUDGETS])
+    params = [greedy(n, logprobs=True) for n in BUDGETS]
+    engine = Engine(model, max_batch_size=4)
+    handles, peak = run_staggered(engine, PROMPTS, params, collect=False)
     assert peak == 4  # rows really shared the batch
-    assert [tokens for tokens, _ in results] == expected
+    events = [list(h) for h in handles]
+    assert [[e.token_id for e in ev[:-1]] for ev in events] == expected
+    # log-probabilities too (more sensitive than greedy ids to a wrong position, NTK alpha or logN scale)
+    for ev, prompt, n in zip(events, PROMPTS, BUDGETS, strict=True):
+        assert [e.logprob for e in ev[:-1]] == pytest.approx(reference_logprobs(model, prompt, n), abs=1e-4)
+    results = [([e.token_id for e in ev[:-1]], ev[-1]) for ev in events]
     assert [(f.reason, f.prompt_tokens, f.completion_tokens) for _, f in results] == [
         ("length", len(p), n) for p, n in zip(PROMPTS, BUDGETS, strict=True)
     ]
