@@ -246,3 +246,20 @@ class IncrementalDetokenizer:
         self._window = emitted[-self.PREFIX_TOKENS :] + held_ids
         self._read_offset = min(len(emitted), self.PREFIX_TOKENS)
         return new_text
+
+
+def make_continuation_context(
+    tokenizer, history: History, system: str = "", max_window_size: int = 6144
+) -> tuple[str, list[int]]:
+    """ChatML prompt that continues the last assistant reply of `history` (its <|im_end|> left off).
+
+    Used for ReAct follow-ups, where the last reply ends with "Observation: <tool result>\\nThought:" and the
+    model writes on from there. As the original openai_api.py, every query and reply is stripped of leading
+    newlines and trailing whitespace; the layout is make_context's (earlier turns trimmed to the window).
+    """
+    if not history:
+        raise ValueError("make_continuation_context needs a history whose last reply is to be continued")
+    stripped = [(query.lstrip("\n").rstrip(), response.lstrip("\n").rstrip()) for query, response in history]
+    *earlier, (last_query, last_response) = stripped
+    raw_text, tokens = make_context(tokenizer, last_query, earlier, system, max_window_size)
+    return raw_text + last_response, tokens + encode_plain(tokenizer, last_response)
