@@ -123,7 +123,7 @@ def describe_tool(function: Mapping) -> str:
 
 
 def react_instruction(functions: list[Mapping]) -> str:
-    """The instruction that is prepended to the first user turn when tools are present."""
+    """The instruction prepended to the newest completed user turn (or the query) when tools are present."""
     return REACT_INSTRUCTION.format(
         tools_text="\n\n".join(describe_tool(f) for f in functions),
         tools_name_text=", ".join(tool_name(f) for f in functions),
@@ -274,7 +274,8 @@ def parse_messages(messages: Iterable[Mapping], functions: list[Mapping] | None 
 
     - system (and developer) messages are merged, in order, into the system prompt ("You are a helpful
       assistant." when there is none);
-    - with tools, the ReAct instruction is prepended to the first user turn:
+    - with tools, the ReAct instruction is prepended to the newest completed user turn (the query when there
+      is no history), as the original did:
       "{instruction}\\n\\nQuestion: {q}";
       an assistant answer becomes "Thought: I now know the final answer.\\nFinal Answer: {content}";
     - an assistant tool call becomes "Thought: {content}\\nAction: {name}\\nAction Input: {arguments}" and its
@@ -348,7 +349,8 @@ def parse_messages(messages: Iterable[Mapping], functions: list[Mapping] | None 
     if functions:
         instruction = react_instruction(functions)
         if history:
-            history[0][0] = f"{instruction}\n\nQuestion: {history[0][0]}"
+            # the original put it on the newest completed turn (its `i == len(messages) - 2`), not the first
+            history[-1][0] = f"{instruction}\n\nQuestion: {history[-1][0]}"
         else:
             query = f"{instruction}\n\nQuestion: {query}"
     system = "\n".join(system_parts) if system_parts else DEFAULT_SYSTEM

@@ -143,14 +143,15 @@ def test_a_finished_tool_conversation_is_one_react_trace():
     )
 
 
-def test_the_instruction_goes_to_the_first_user_turn_only():
+def test_the_instruction_goes_to_the_newest_completed_turn_only():
+    # The original (openai_api.py, `i == len(messages) - 2`) put it on the newest completed turn.
     messages = [{"role": "user", "content": q} for q in ("one", "two", "three")]
     messages[1:1] = [{"role": "assistant", "content": "1"}]
     messages[3:3] = [{"role": "assistant", "content": "2"}]
     query, history, _ = parse_messages(messages, [WEATHER])
     instruction = REACT_INSTRUCTION.split("{tools_text}")[0]
-    assert history[0][0].startswith(instruction) and history[0][0].endswith("\n\nQuestion: one")
-    assert history[1][0] == "two" and query == "three"
+    assert history[1][0].startswith(instruction) and history[1][0].endswith("\n\nQuestion: two")
+    assert history[0][0] == "one" and query == "three"
 
 
 def test_system_messages_merge_and_default():
