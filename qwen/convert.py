@@ -256,7 +256,9 @@ def _command_tiny(args) -> None:
 def _command_llama(args) -> None:
     source = Path(args.source)
     if not source.exists():
-        raise SystemExit(f"error: {source} does not exist (give a transformers model directory or a .gguf file)")
+        from .loading import CheckpointError
+
+        raise CheckpointError(f"{source} does not exist: give a transformers model directory or a .gguf file.")
     model, tokenizer = load_llama(source)
     print(f"QWen checkpoint written to {convert_llama(model, tokenizer, args.out_dir)}")
 

@@ -122,6 +122,8 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
         building.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (CI, docker volumes)
         try:
             convert_llama(llama, tokenizer, building)
+            for file in building.iterdir():
+                file.chmod(0o644)  # safetensors writes owner-only files
             (building / READY_MARKER).write_text(json.dumps(_ready_record()) + "\n", encoding="utf-8")
             if checkpoint.exists():  # an incomplete or outdated earlier attempt
                 shutil.rmtree(checkpoint)
