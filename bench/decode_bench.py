@@ -1,0 +1,93 @@
+"""Greedy decoding speed at batch 1: our QWenLMHeadModel vs transformers' Qwen2ForCausalLM, same weights.
+
+Both models get the same random QWen weights (converted for Qwen2 with qwen.weights.qwen_to_qwen2), the same
+dtype, device, prompt and number of new tokens; runs alternate between the two and the median is reported.
+
+    python bench/decode_bench.py                       # ~190M params, fp32 on CPU (bf16 on CUDA)
+    python bench/decode_bench.py --device cuda --dtype bfloat16 --new-tokens 256
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import Qwen2ForCausalLM
+
+from qwen.configuration_qwen import QWenConfig
+from qwen.modeling_qwen import QWenLMHeadModel
+from qwen.weights import qwen_to_qwen2
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, else fp32)")
+    # Qwen-1.8B's shape (2048 hidden, 24 layers, 16 heads, MLP 5504) scaled down
+    parser.add_argument("--hidden-size", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--mlp-width", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=65536)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser.parse_args()
+
+
+def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(
+        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32
+    head_dim = args.hidden_size // args.heads
+    config = QWenConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, kv_channels=head_dim, intermediate_size=2 * args.mlp_width,
+        seq_length=8192, max_position_embeddings=8192,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = QWenLMHeadModel(config).eval()
+    qwen2_config, state_dict = qwen_to_qwen2(config, ours.state_dict())
+    peer = Qwen2ForCausalLM(qwen2_config).eval()
+    peer.load_state_dict(state_dict, strict=False)
+    ours, peer = ours.to(args.device, dtype), peer.to(args.device, dtype)
+    for model in (ours, peer):
+        model.generation_config.eos_token_id = None  # decode exactly --new-tokens
+
+    params = sum(p.numel() for p in ours.parameters()) / 1e6
+    print(f"{params:.0f}M params, {dtype}, {args.device}, threads={torch.get_num_threads()}, "
+          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, batch 1")  # fmt: skip
+    prompt = torch.randint(1, args.vocab_size, (1, args.prompt_tokens), device=args.device)
+    with torch.inference_mode():
+        assert torch.equal(  # same weights, same greedy tokens (a sanity check of the comparison)
+            ours.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+            peer.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        )
+        speeds = {"QWenLMHeadModel": [], "Qwen2ForCausalLM": []}
+        for _ in range(args.runs):  # alternate, so that machine load hits both alike
+            speeds["QWenLMHeadModel"].append(tokens_per_second(ours, prompt, args.new_tokens))
+            speeds["Qwen2ForCausalLM"].append(tokens_per_second(peer, prompt, args.new_tokens))
+    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    for name, value in medians.items():
+        print(f"{name:18s} {value:8.1f} tokens/s (median of {args.runs}; runs: "
+              f"{', '.join(f'{v:.1f}' for v in speeds[name])})")  # fmt: skip
+    print(f"ratio QWenLMHeadModel / Qwen2ForCausalLM: {medians['QWenLMHeadModel'] / medians['Qwen2ForCausalLM']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
