@@ -283,6 +283,7 @@ class Engine:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_batch_size, self.max_queue, self.max_context = max_batch_size, max_queue, max_context
         # only the last position's logits are needed; models that support it skip the rest of the lm_head
         accepts = inspect.signature(model.forward).parameters
@@ -315,6 +316,10 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty; give at least one token")
+        if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:
+            raise ValueError(
+                f"the prompt has token ids outside the model's vocabulary [0, {self.vocab_size})"
+            )
         max_new_tokens = params.max_new_tokens
         if self.max_context is not None:
             room = self.max_context - len(prompt)
@@ -387,7 +392,11 @@ class Engine:
                     self._work.wait_for(lambda: self._stopping or self._waiting or self._rows)
                     if self._stopping:
                         return
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # last line of defence: fail what runs, keep the thread alive
+                    self._fail(self._rows, exc)
+                    self._reset_batch()
 
     def step(self) -> None:
         """Run one iteration by hand (admit, prefill, decode); only when the thread is not started."""

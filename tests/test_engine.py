@@ -221,11 +221,17 @@ def test_context_limit(model):
     assert (len(tokens), finish.reason) == (2, "length")
 
 
-def test_bad_sampling_parameters_are_named():
+def test_bad_requests_are_named(model):
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.submit([], greedy(1))
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 256\)"):
+        engine.submit([1, 256], greedy(1))
+    assert engine.num_waiting == 0
 
 
 def test_a_failing_step_fails_its_requests_not_the_engine(model):
