@@ -344,3 +344,27 @@ def test_precision_follows_config_flags_and_dtype_argument(tmp_path):
     expected = torch.float32 if not torch.cuda.is_available() else None
     auto = QWenLMHeadModel.from_pretrained(tmp_path, device_map="auto")
     assert expected is None or auto.dtype == expected  # auto: fp32 on CPU
+
+
+def test_hub_shaped_checkpoints_load_through_the_auto_classes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import qwen  # noqa: F401  (registers model_type "qwen")
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # An Aug-2023 config.json: legacy key names, remote-code auto_map, keys the model does not use.
+    for legacy, final in {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+                          "ffn_hidden_size": "intermediate_size", "padded_vocab_size": "vocab_size"}.items():  # fmt: skip
+        config[legacy] = config.pop(final)
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    config.update(bias_dropout_fusion=True, params_dtype="torch.bfloat16", dtype=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", output_loading_info=True)
+    assert isinstance(loaded, QWenLMHeadModel)
+    assert torch.cuda.is_available() or loaded.dtype == torch.float32  # no precision flag: fp32 on CPU
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded.eval()(ids.to(loaded.device)).logits.cpu())
