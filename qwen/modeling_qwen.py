@@ -29,11 +29,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_qwen import QWenConfig
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Long-context formulas of the original (modeling_qwen.py, 2023): dynamic NTK-aware RoPE and logN attention.
@@ -307,14 +309,13 @@ class QWenPreTrainedModel(PreTrainedModel):
         dtype = kwargs.pop("dtype", None)
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         config = kwargs.get("config")
-        if (dtype in (None, "auto") or "attn_implementation" not in kwargs) and not isinstance(
-            config, PretrainedConfig
-        ):
+        if not isinstance(config, PretrainedConfig):
             lookup = {k: kwargs[k] for k in _CONFIG_LOOKUP_KWARGS if k in kwargs}
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **lookup)
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **lookup)
         if dtype in (None, "auto"):
             dtype = _resolve_precision(config, kwargs.get("device_map"))
-        if "attn_implementation" not in kwargs and _flash_attn_usable(config):
+        half = dtype in (torch.bfloat16, torch.float16, "bfloat16", "float16")
+        if "attn_implementation" not in kwargs and half and _flash_attn_usable(config):
             kwargs["attn_implementation"] = "flash_attention_2"
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kwargs)
 
@@ -328,6 +329,8 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
         self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        if config.use_cache_quantization:
+            logger.warning_once("use_cache_quantization is not implemented here: the KV cache stays unquantized.")
         self.post_init()
 
     def get_input_embeddings(self):
@@ -354,6 +357,8 @@ class QWenModel(QWenPreTrainedModel):
             positions = torch.arange(past, device=device) - past + position_ids[row, 0]
             cos, sin = self.rotary_emb._cos_sin(positions.float()[:, None] * delta)
             for layer in cache.layers:
+                if not isinstance(getattr(layer, "keys", None), torch.Tensor):
+                    raise NotImplementedError(f"dynamic NTK needs plain cached keys; {type(layer).__name__} has none")
                 keys = layer.keys[row : row + 1, :, :past]
                 keys.copy_(apply_rotary_pos_emb(keys, cos[None], sin[None]))
 
