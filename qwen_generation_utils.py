@@ -119,8 +119,8 @@ def decode_tokens(
     """The reply text in `tokens` (prompt + generation), stripped, as the original; optionally with why it ended.
 
     The prompt is cut off by token count (`context_length`), which is exact for any tokenizer; `raw_text_len` is
-    accepted for compatibility with the original signature. ChatML replies end at the first <|im_end|> or
-    <|im_start|>; raw replies end at <|endoftext|>.
+    accepted for compatibility with the original signature. ChatML replies end at the first <|im_end|>,
+    <|im_start|> or <|endoftext|> (what a stop word is turned into); raw replies end at <|endoftext|>.
     """
     _check_chat_format(chat_format)
     if torch.is_tensor(tokens):
@@ -130,7 +130,7 @@ def decode_tokens(
     decode_kwargs = {"errors": errors} if hasattr(tokenizer, "decode_bytes") else {}  # QWenTokenizer only
 
     if chat_format == "chatml":
-        stop_ids = set(chatml_ids(tokenizer))
+        stop_ids = {*chatml_ids(tokenizer), eod_id(tokenizer)}
         stop_at = next((i for i, token in enumerate(generated) if token in stop_ids), None)
         if stop_at is not None:
             end_reason = f"Gen {tokenizer.decode([generated[stop_at]])!r}"

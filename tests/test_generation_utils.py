@@ -15,6 +15,7 @@ from qwen_generation_utils import (
     chatml_ids,
     decode_tokens,
     encode_plain,
+    eod_id,
     get_stop_words_ids,
     make_context,
 )
@@ -154,6 +155,12 @@ def test_decode_tokens_chatml(any_tok):
     )
     assert text == "你好！有什么可以帮你？😀"
     assert reason == f"Gen length {len(context) + len(reply)}"
+    # a stop word forces <|endoftext|>: the reply ends there and never shows it
+    text, reason = decode_tokens(
+        context + reply + [eod_id(any_tok)] + encode_plain(any_tok, "after"),
+        any_tok, len(raw_text), len(context), "chatml", return_end_reason=True,
+    )  # fmt: skip
+    assert text == "你好！有什么可以帮你？😀" and reason.startswith("Gen ")
 
 
 def test_decode_tokens_raw(qwen_tok):
