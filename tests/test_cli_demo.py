@@ -7,7 +7,6 @@ import sys
 
 import pexpect
 import pytest
-
 from conftest import REPO
 
 PROMPT = "User> "
