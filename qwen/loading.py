@@ -20,16 +20,22 @@ DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }  # fmt: skip
 # Weight files transformers reads, in the order it prefers them.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                "pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 # "org/name" as the hubs spell repository ids; anything else that is not a directory is a wrong path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def download_hint(repo_id: str = "Qwen/Qwen-7B-Chat") -> str:
     local = repo_id.rsplit("/", 1)[-1]
-    return (f"Download it first with `hf download {repo_id} --local-dir {local}` (huggingface_hub) or "
-            f"`modelscope download --model {repo_id} --local_dir {local}`, then pass `-c {local}`.")
+    return (
+        f"Download it first with `hf download {repo_id} --local-dir {local}` (huggingface_hub) or "
+        f"`modelscope download --model {repo_id} --local_dir {local}`, then pass `-c {local}`."
+    )
 
 
 class CheckpointError(Exception):
@@ -42,11 +48,13 @@ def resolve_checkpoint(checkpoint: str, revision: str | None = None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{checkpoint} is a file; pass the checkpoint directory (the one with config.json).")
+        raise CheckpointError(
+            f"{checkpoint} is a file; pass the checkpoint directory (the one with config.json)."
+        )
     if not HUB_ID.fullmatch(str(checkpoint)):
         raise CheckpointError(
-            f"No such checkpoint directory: {checkpoint}. Pass a directory holding config.json and the weights, "
-            "or a hub id such as Qwen/Qwen-7B-Chat."
+            f"No such checkpoint directory: {checkpoint}. Pass a directory holding config.json and the "
+            "weights, or a hub id such as Qwen/Qwen-7B-Chat."
         )
     return _download(str(checkpoint), revision)
 
@@ -67,10 +75,15 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision))
     except RepositoryNotFoundError:
-        problem = f"{repo_id} was not found on the Hugging Face hub (check the spelling, or log in if it is gated)"
+        problem = (
+            f"{repo_id} was not found on the Hugging Face hub (check the spelling, or log in if it is gated)"
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        why = "hub access is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
-            f"the hub is unreachable ({type(exc).__name__})"
+        why = (
+            "hub access is switched off (HF_HUB_OFFLINE=1)"
+            if constants.HF_HUB_OFFLINE
+            else f"the hub is unreachable ({type(exc).__name__})"
+        )
         problem = f"{repo_id} is not in the local hub cache and {why}"
     if (modelscope_download := _modelscope_download()) is not None:
         try:
@@ -87,29 +100,35 @@ def check_checkpoint(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(
-            f"{path} is not a model checkpoint: it has no config.json. Pass the directory that holds config.json "
-            f"and the weights (e.g. a download of Qwen/Qwen-7B-Chat). {download_hint()}"
+            f"{path} is not a model checkpoint: it has no config.json. Pass the directory that holds "
+            f"config.json and the weights (e.g. a download of Qwen/Qwen-7B-Chat). {download_hint()}"
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); download the checkpoint again.") from exc
+        raise CheckpointError(
+            f"{config_file} is not valid JSON ({exc}); download the checkpoint again."
+        ) from exc
     quantization = config.get("quantization_config") or {}
     if quantization.get("quant_method") == "gptq":
         raise CheckpointError(
-            f"{path} is a GPTQ-quantized checkpoint (Int{quantization.get('bits', '?')}): GPTQ support is not "
-            "available yet. Use the BF16 checkpoint of the same model instead (e.g. Qwen/Qwen-7B-Chat rather "
-            "than Qwen/Qwen-7B-Chat-Int4)."
+            f"{path} is a GPTQ-quantized checkpoint (Int{quantization.get('bits', '?')}): GPTQ support is "
+            "not available yet. Use the BF16 checkpoint of the same model instead (e.g. Qwen/Qwen-7B-Chat "
+            "rather than Qwen/Qwen-7B-Chat-Int4)."
         )
     model_type = config.get("model_type")
     if model_type != "qwen":
         if model_type not in CONFIG_MAPPING:
             raise CheckpointError(
-                f"{path} is not a Qwen checkpoint: config.json has model_type {model_type!r}, which neither this "
-                "repository nor transformers knows. Pass a Qwen (v1) checkpoint such as Qwen/Qwen-7B-Chat."
+                f"{path} is not a Qwen checkpoint: config.json has model_type {model_type!r}, which neither "
+                "this repository nor transformers knows. Pass a Qwen (v1) checkpoint such as "
+                "Qwen/Qwen-7B-Chat."
             )
-        print(f"note: {path} is a {model_type!r} model, not Qwen (v1): loading it with transformers' own "
-              "classes.", file=sys.stderr)
+        print(
+            f"note: {path} is a {model_type!r} model, not Qwen (v1): loading it with transformers' own "
+            "classes.",
+            file=sys.stderr,
+        )
     weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
         raise CheckpointError(
@@ -118,11 +137,13 @@ def check_checkpoint(path: Path) -> dict:
         )
     if weights[0].endswith(".index.json"):
         index = json.loads((path / weights[0]).read_text(encoding="utf-8"))
-        missing = sorted({shard for shard in index.get("weight_map", {}).values() if not (path / shard).is_file()})
+        missing = sorted(
+            {shard for shard in index.get("weight_map", {}).values() if not (path / shard).is_file()}
+        )
         if missing:
             raise CheckpointError(
-                f"{path} lacks {len(missing)} weight shard(s) listed in {weights[0]} (e.g. {missing[0]}): the "
-                f"download is incomplete. {download_hint()}"
+                f"{path} lacks {len(missing)} weight shard(s) listed in {weights[0]} (e.g. {missing[0]}): "
+                f"the download is incomplete. {download_hint()}"
             )
     return config
 
@@ -134,7 +155,9 @@ def resolve_device(device: str | None, cpu_only: bool) -> str:
     if device in (None, "auto"):
         return "auto" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"Device {device!r} was asked for but CUDA is not available; run with --cpu-only.")
+        raise CheckpointError(
+            f"Device {device!r} was asked for but CUDA is not available; run with --cpu-only."
+        )
     return str(device)
 
 
@@ -165,14 +188,24 @@ def _demo_path() -> Path:
     from .demo import DEMO_LICENSE, DEMO_NAME, demo_checkpoint
 
     path = demo_checkpoint()
-    print(f"Running the offline demo model {DEMO_NAME} ({DEMO_LICENSE}; not Qwen, for trying the scripts out). "
-          "Run a real Qwen checkpoint with `-c Qwen/Qwen-7B-Chat` or `-c /path/to/checkpoint`.", file=sys.stderr)
+    print(
+        f"Running the offline demo model {DEMO_NAME} ({DEMO_LICENSE}; not Qwen, for trying the scripts out). "
+        "Run a real Qwen checkpoint with `-c Qwen/Qwen-7B-Chat` or `-c /path/to/checkpoint`.",
+        file=sys.stderr,
+    )
     return path
 
 
-def load_model_and_tokenizer(checkpoint: str | None = None, *, device: str | None = None,
-                             dtype: str | torch.dtype | None = None, cpu_only: bool = False,
-                             revision: str | None = None, demo_if_none: bool = True, **model_kwargs):
+def load_model_and_tokenizer(
+    checkpoint: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    cpu_only: bool = False,
+    revision: str | None = None,
+    demo_if_none: bool = True,
+    **model_kwargs,
+):
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
 
     The model is in eval mode, on `device` ("auto": all GPUs via accelerate, else the CPU), in `dtype`

@@ -32,8 +32,16 @@ def test_sharded_layout_matches_the_hub(sharded):
     assert {p.name for p in sharded.glob("model-*.safetensors")} == set(shards)
     names = set(index["weight_map"])
     for layer in range(TINY["layers"]):
-        for part in ("ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "ln_2.weight",
-                     "mlp.w1.weight", "mlp.w2.weight", "mlp.c_proj.weight"):
+        for part in (
+            "ln_1.weight",
+            "attn.c_attn.weight",
+            "attn.c_attn.bias",
+            "attn.c_proj.weight",
+            "ln_2.weight",
+            "mlp.w1.weight",
+            "mlp.w2.weight",
+            "mlp.c_proj.weight",
+        ):
             assert f"transformer.h.{layer}.{part}" in names
     assert {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"} <= names
     assert not (sharded / "model.safetensors").exists()
@@ -82,7 +90,13 @@ def test_base_model_has_raw_chat_format(tmp_path):
 def test_bin_format_uses_the_aug_2023_config_keys(tmp_path):
     out = make_tiny_checkpoint(tmp_path, **TINY, format="bin")
     config = _read(out / "config.json")
-    legacy = {"n_embd": 32, "n_head": 4, "n_layer": 2, "ffn_hidden_size": 64, "padded_vocab_size": HUB_VOCAB_SIZE}
+    legacy = {
+        "n_embd": 32,
+        "n_head": 4,
+        "n_layer": 2,
+        "ffn_hidden_size": 64,
+        "padded_vocab_size": HUB_VOCAB_SIZE,
+    }
     assert {key: config.get(key) for key in legacy} == legacy
     for final_name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
         assert final_name not in config
@@ -103,8 +117,23 @@ def test_same_options_give_identical_files_and_the_seed_matters(tmp_path):
 
 def test_cli_tiny_command(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["tiny", str(out), "--hidden", "32", "--heads", "4", "--intermediate", "64", "--base",
-                 "--format", "single", "--seq-length", "512"])
+    code = main(
+        [
+            "tiny",
+            str(out),
+            "--hidden",
+            "32",
+            "--heads",
+            "4",
+            "--intermediate",
+            "64",
+            "--base",
+            "--format",
+            "single",
+            "--seq-length",
+            "512",
+        ]
+    )
     assert code == 0
     assert str(out) in capsys.readouterr().out
     assert _read(out / "config.json")["seq_length"] == 512

