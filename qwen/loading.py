@@ -226,14 +226,13 @@ def load_model_and_tokenizer(
     check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device)
-    placement = {"device_map": "auto"} if device == "auto" else {}
+    if device != "cpu":
+        model_kwargs.setdefault("device_map", device)  # straight onto the GPU(s), not through the CPU
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
-    if device not in ("auto", "cpu"):
-        model.to(device)
     generation_config = load_generation_config(path)
     if generation_config is not None:
         model.generation_config = generation_config
