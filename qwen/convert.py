@@ -274,10 +274,9 @@ def convert_llama(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         if model.generation_config.pad_token_id is not None
         else eos[0],
         bos_token_id=model.generation_config.bos_token_id,
-        # SmolLM2-Instruct's card recommends these sampling settings.
-        do_sample=True,
-        temperature=0.2,
-        top_p=0.9,
+        # Greedy by default: a small model sampled even at low temperature can open in the wrong language;
+        # users opt into sampling per run (--temperature, :conf, the API's temperature).
+        do_sample=False,
         max_new_tokens=512,
     )
     generation.save_pretrained(out)

