@@ -1,7 +1,9 @@
-"""Aggregate decode throughput of qwen.engine: 8 concurrent streams vs 1, and 1 stream vs model.generate.
+"""Aggregate throughput of qwen.engine: 8 concurrent streams vs 1, and 1 stream vs model.generate.
 
-A random ~135M-parameter model (Llama shaped like SmolLM-135M, or --arch qwen for a QWen of the same size
-when qwen/modeling_qwen.py is present), greedy, every request generating exactly --new-tokens tokens.
+A random ~135M-parameter model (Llama shaped like SmolLM-135M, or --arch qwen for a QWen of the same size),
+greedy, every request generating exactly --new-tokens tokens. Each case also runs with 1 new token (prefill
+only); the difference is the decode phase, reported apart from the end-to-end rate. Times are the best of
+--repeats interleaved runs, in wall seconds and in CPU seconds of this process (steadier on a shared CPU).
 
     python bench/engine_bench.py [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
 """
@@ -34,21 +36,21 @@ def build_model(arch: str):
     return LlamaForCausalLM(config).eval()
 
 
-def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of fn(); CPU time is steadier on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
     handles = [engine.submit(p, SamplingParams(max_new_tokens=new_tokens, temperature=0)) for p in prompts]
-    total = sum(len(h.result()[0]) for h in handles)
-    return total / (time.perf_counter() - start)
+    assert all(len(h.result()[0]) == new_tokens for h in handles)
 
 
-def generate_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
-    model.generation_config.eos_token_id = None
-    start = time.perf_counter()
+def run_generate(model, prompt: list[int], new_tokens: int) -> None:
     with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
-    return (out.shape[1] - len(prompt)) / (time.perf_counter() - start)
+        model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
 def main():
@@ -70,20 +72,34 @@ def main():
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(args.streams)]
 
-    # best of --repeats, interleaved: the CPU is shared, and the best run is the least disturbed one
-    one = many = peer = 0.0
-    with Engine(model, max_batch_size=args.streams) as engine:
-        engine_tokens_per_s(engine, prompts[:1], 4)  # warm-up
-        for _ in range(args.repeats):
-            peer = max(peer, generate_tokens_per_s(model, prompts[0], args.new_tokens))
-            one = max(one, engine_tokens_per_s(engine, prompts[:1], args.new_tokens))
-            many = max(many, engine_tokens_per_s(engine, prompts, args.new_tokens))
+    model.generation_config.eos_token_id = None
+    n, streams = args.new_tokens, args.streams
+    engine = Engine(model, max_batch_size=streams).start()
+    cases = {  # name -> (streams, run(new_tokens))
+        "generate": (1, lambda k: run_generate(model, prompts[0], k)),
+        "engine x1": (1, lambda k: run_engine(engine, prompts[:1], k)),
+        f"engine x{streams}": (streams, lambda k: run_engine(engine, prompts, k)),
+    }
+    best = {(name, k): (float("inf"), float("inf")) for name in cases for k in (1, n)}
+    run_engine(engine, prompts, 2)  # warm-up
+    for _ in range(args.repeats):
+        for (name, k), times in best.items():
+            best[name, k] = tuple(map(min, times, timed(lambda: cases[name][1](k))))  # noqa: B023
+    engine.shutdown()
 
-    print(f"model: random {args.arch}, {n_params / 1e6:.0f}M params, torch threads {args.threads}")
-    print(f"model.generate, 1 stream        : {peer:7.1f} tokens/s")
-    print(f"engine, 1 stream                : {one:7.1f} tokens/s  ({one / peer:.2f}x model.generate)")
-    print(f"engine, {args.streams} concurrent streams   : {many:7.1f} tokens/s aggregate")
-    print(f"ratio {args.streams} streams / 1 stream     : {many / one:.2f}x")
+    print(
+        f"random {args.arch}, {n_params / 1e6:.0f}M params, {args.threads} torch threads, "
+        f"prompts of {args.prompt_tokens} tokens, {n} new tokens per stream"
+    )
+    print(f"{'aggregate tokens/s':18} {'end-to-end':>11} {'decode':>8} {'decode per CPU-s':>17}")
+    decode = {}
+    for name, (count, _) in cases.items():
+        (wall_n, cpu_n), (wall_1, cpu_1) = best[name, n], best[name, 1]
+        decode[name] = (count * (n - 1) / (wall_n - wall_1), count * (n - 1) / (cpu_n - cpu_1))
+        print(f"{name:18} {count * n / wall_n:11.1f} {decode[name][0]:8.1f} {decode[name][1]:17.1f}")
+    for a, b in [("engine x1", "generate"), (f"engine x{streams}", "engine x1")]:
+        wall, cpu = (x / y for x, y in zip(decode[a], decode[b], strict=True))
+        print(f"decode {a} / {b}: {wall:.2f}x (wall), {cpu:.2f}x (CPU time)")
 
 
 if __name__ == "__main__":
