@@ -6,6 +6,7 @@ only); the difference is the decode phase, reported apart from the end-to-end ra
 --repeats interleaved runs, in wall seconds and in CPU seconds of this process (steadier on a shared CPU).
 
     python bench/engine_bench.py [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
+                                 [--dtype float32|bfloat16]
 """
 
 import argparse
@@ -63,10 +64,11 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.arch)
+    model = build_model(args.arch).to(getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in model.parameters())
     rng = random.Random(0)
     vocab = model.config.vocab_size
@@ -88,7 +90,7 @@ def main():
     engine.shutdown()
 
     print(
-        f"random {args.arch}, {n_params / 1e6:.0f}M params, {args.threads} torch threads, "
+        f"random {args.arch}, {n_params / 1e6:.0f}M params, {args.threads} torch threads, {args.dtype}, "
         f"prompts of {args.prompt_tokens} tokens, {n} new tokens per stream"
     )
     print(f"{'aggregate tokens/s':18} {'end-to-end':>11} {'decode':>8} {'decode per CPU-s':>17}")
