@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def script(prompt: str) -> str:
         return CALL_AT_START
     if "Action Input:" in prompt:  # the ReAct instruction: tools are on
         return CALL
+    if "forever" in prompt:  # a minute or more at one token per 0.05 s: only a cancel ends it early
+        return COUNTING * 50
     return COUNTING
 
 
@@ -67,13 +70,16 @@ class ScriptedLM(torch.nn.Module):
 
     def __init__(self, tokenizer, delay: float = 0.0):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.embed = torch.nn.Embedding(len(tokenizer), 1)  # unused: gives the engine a device and a vocab size
         self.tokenizer, self.delay = tokenizer, delay
         self.config = SimpleNamespace(max_position_embeddings=1024)
-        self.generation_config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=200,
+        self.generation_config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=2000,
                                                   do_sample=False)
         self.prompts: list[list[int]] = []  # every prompt seen, in order
         self._targets: dict[tuple, list[int]] = {}
+
+    def get_input_embeddings(self):
+        return self.embed
 
     def target(self, prompt: list[int]) -> list[int]:
         key = tuple(prompt)
@@ -394,16 +400,17 @@ def test_basic_auth_header_parsing():
 
 def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
     """One slot: a second request gets 429 while a stream runs; closing the stream frees the slot."""
-    model = ScriptedLM(tokenizer, delay=0.05)  # 2+ seconds per answer: it is still running when we look
+    model = ScriptedLM(tokenizer, delay=0.05)
     app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        messages = [{"role": "user", "content": "Count."}]
+        messages = [{"role": "user", "content": "Count forever."}]
         stream = client.chat.completions.create(model="s", messages=messages, stream=True)
-        next(iter(stream))
+        next(chunk for chunk in stream if chunk.choices[0].delta.content)  # generating now
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model="s", messages=messages)
-        assert httpx.get(server.url + "/health").json()["running"] == 1
+        health = httpx.get(server.url + "/health").json()
+        assert health["running"] == 1
         stream.close()  # the client goes away mid-answer
         deadline = time.time() + 10
         while httpx.get(server.url + "/health").json() != {"status": "ok", "running": 0, "waiting": 0}:
@@ -417,7 +424,7 @@ def test_non_stream_disconnect_frees_slot(tokenizer):
     model = ScriptedLM(tokenizer, delay=0.05)
     app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
-        body = {"model": "s", "messages": [{"role": "user", "content": "Count."}]}
+        body = {"model": "s", "messages": [{"role": "user", "content": "Count forever."}]}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
         deadline = time.time() + 10
@@ -508,3 +515,24 @@ def test_cli_errors_are_clear():
     result = subprocess.run([sys.executable, str(REPO / "openai_api.py"), "--api-auth", "nocolon"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "USER:PASSWORD" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_call_example(scripted, monkeypatch, capsys, stream):
+    """examples/function_call.py runs its whole loop: tool call, local function, final answer."""
+    argv = ["function_call.py", "--base-url", scripted.url + "/v1"] + (["--stream"] if stream else [])
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "examples" / "function_call.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert 'Tool call: get_current_weather({"location": "Boston, MA"})' in out
+    assert "Answer: It is sunny and 22 °C in Boston." in out
+
+
+def test_openai_client_example(scripted, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["openai_client.py", "--base-url", scripted.url + "/v1"])
+    runpy.run_path(str(REPO / "examples" / "openai_client.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count(COUNTING) == 2 and "finish_reason=stop" in out
