@@ -1,0 +1,185 @@
+"""The chat page behind ``web_demo.py``: a gradio 6 Blocks app on the shared batching engine.
+
+The original web demo ran on gradio<3.42, put the HTML it rendered back into the model's history, and served
+one person at a time. Here:
+
+- the history given to the model is the raw model text, kept in a per-browser-session ``gr.State`` as
+  [(query, response), ...]; the Chatbot gets the same raw text and renders Markdown and code itself;
+- every answer is a request to ``qwen.engine.Engine`` (the API server's engine), so the answers of several
+  people are decoded in one batch, and the chat events run with a concurrency limit above one;
+- prompts, stop tokens, stop strings and streaming text come from the same code as the API server
+  (``qwen.serving.OpenAIServer``: generation_config defaults, stop handling, incremental detokenization);
+- Stop cancels the gradio event, which cancels the engine request (the stream's ``finally``), and the
+  partial answer stays, as shown, in the history;
+- mistakes and limits (empty message, prompt too long, server busy) show up in the page as gr.Warning /
+  gr.Error, and the typed message is kept in the box when it could not be sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import gradio as gr
+
+from qwen_generation_utils import make_context
+
+from .cli import DEFAULT_SYSTEM
+from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams
+from .serving import APIError, OpenAIServer
+
+History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
+GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
+MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
+BUSY_MESSAGE = "An answer is still being written in this chat: wait for it, or press Stop."
+
+
+@dataclass
+class Defaults:
+    """Initial values of the page's settings (sliders and system prompt)."""
+
+    system: str = DEFAULT_SYSTEM
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+
+
+def to_messages(history: Sequence[Sequence[str]]) -> list[dict]:
+    """Chatbot messages (gradio's messages format) of a raw history; the browser renders the Markdown."""
+    messages = []
+    for query, response in history:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    return messages
+
+
+class WebChat:
+    """The chat logic of one page, shared by all browser sessions; each session's history is passed in.
+
+    respond() and regenerate() are async generators yielding (chatbot messages, history[, textbox]) as the
+    answer streams, so whatever was yielded last (also when the event is cancelled) is consistent.
+    """
+
+    def __init__(self, model, tokenizer, engine: Engine, *, title: str = "Qwen", defaults: Defaults | None = None):
+        self.tokenizer, self.engine, self.title = tokenizer, engine, title
+        # the API server's serving logic: checkpoint defaults, stop tokens and strings, streamed text
+        self.server = OpenAIServer(model, tokenizer, engine, [title])
+        self.defaults = defaults or self.checkpoint_defaults()
+        self._busy: set[str] = set()  # sessions with an answer being written
+
+    def checkpoint_defaults(self) -> Defaults:
+        """The checkpoint's generation_config.json sampling settings (greedy when it does not sample)."""
+        value = self.server._generation_default
+        temperature = value("temperature", 1.0) if value("do_sample", True) else 0.0
+        return Defaults(temperature=temperature, top_p=value("top_p", 1.0),
+                        max_new_tokens=value("max_new_tokens", 512))
+
+    def sampling_params(self, temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
+        value = self.server._generation_default
+        try:
+            return SamplingParams(
+                max_new_tokens=int(max_new_tokens),
+                temperature=0.0 if temperature < GREEDY_BELOW else float(temperature),
+                top_p=float(top_p),
+                top_k=value("top_k", 0) or 0,
+                repetition_penalty=value("repetition_penalty", 1.0) or 1.0,
+                stop_token_ids=self.server.stop_token_ids,
+            )
+        except ValueError as exc:
+            raise gr.Error(f"{exc}; fix it in the Settings panel.") from exc
+
+    def submit(self, query: str, history: History, system: str, params: SamplingParams):
+        """The engine request for `query` after `history`; page errors for what the person can act on."""
+        _, prompt_ids = make_context(self.tokenizer, query, history, system, self.server.max_window_size,
+                                     self.server.chat_format)
+        try:
+            return self.engine.submit(prompt_ids, params)
+        except PromptTooLongError as exc:
+            raise gr.Error(f"The message is too long: {exc}. Clear the chat or send a shorter message.") from exc
+        except QueueFullError as exc:
+            raise gr.Error(f"Too many people are chatting right now ({exc}).") from exc
+
+    async def stream(self, query: str, history: History, system: str, temperature: float, top_p: float,
+                     max_new_tokens: int, session: str) -> AsyncIterator[History]:
+        """The history with the new turn, once per streamed piece of the answer (raw model text)."""
+        if session in self._busy:
+            gr.Warning(BUSY_MESSAGE)
+            return
+        params = self.sampling_params(temperature, top_p, max_new_tokens)
+        handle = self.submit(query, history, system, params)
+        self._busy.add(session)
+        response = ""
+        try:
+            yield [*history, (query, response)]
+            async for piece in self.server.pieces(handle, self.server.chat_stop_texts):
+                if piece.text:
+                    response += piece.text
+                    yield [*history, (query, response)]
+        except APIError as exc:  # the engine failed (e.g. out of memory); the turn is dropped
+            yield list(history)
+            raise gr.Error(f"Generation failed: {exc.message}") from exc
+        finally:  # also on cancellation (Stop, Clear, the browser going away): pieces() cancels the request
+            self._busy.discard(session)
+            handle.cancel()
+
+    async def respond(self, query: str, history: History, system: str, temperature: float, top_p: float,
+                      max_new_tokens: int, request: gr.Request):
+        """Submit: yields (chatbot, history, textbox). The box is emptied only once the message is accepted."""
+        history = [tuple(turn) for turn in history or []]
+        if not query.strip():
+            gr.Warning("Type a message first.")
+            return
+        box = ""  # emptied once; later updates leave alone what the person types meanwhile
+        async for turns in self.stream(query, history, system, temperature, top_p, max_new_tokens,
+                                       request.session_hash):
+            yield to_messages(turns), turns, box
+            box = gr.skip()
+
+    async def regenerate(self, history: History, system: str, temperature: float, top_p: float,
+                         max_new_tokens: int, request: gr.Request):
+        """Regenerate: answer the last message again, in place of its answer; yields (chatbot, history)."""
+        history = [tuple(turn) for turn in history or []]
+        if not history:
+            gr.Warning("Nothing to regenerate yet: send a message first.")
+            return
+        *earlier, (query, _) = history
+        async for turns in self.stream(query, earlier, system, temperature, top_p, max_new_tokens,
+                                       request.session_hash):
+            yield to_messages(turns), turns
+
+
+def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
+    """The page. `concurrency`: chat events running at once over all sessions (more wait in gradio's queue)."""
+    d = chat.defaults
+    with gr.Blocks(title=f"{chat.title} chat", analytics_enabled=False) as demo:
+        gr.Markdown(f"## {chat.title} chat")
+        chatbot = gr.Chatbot(label=chat.title, elem_id="chatbot", height=480, buttons=["copy", "copy_all"],
+                             placeholder="Ask me anything.")
+        query = gr.Textbox(show_label=False, placeholder="Type a message; Enter sends, Shift+Enter adds a line",
+                           lines=1, max_lines=8, elem_id="query")
+        with gr.Row():
+            submit = gr.Button("Submit", variant="primary", elem_id="submit")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
+            system = gr.Textbox(label="System prompt", value=d.system, lines=2, elem_id="system")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="top_p")
+                max_new_tokens = gr.Slider(1, max(MAX_NEW_TOKENS_LIMIT, d.max_new_tokens), value=d.max_new_tokens,
+                                           step=1, label="Max new tokens", elem_id="max_new_tokens")
+        history = gr.State([])
+        settings = [system, temperature, top_p, max_new_tokens]
+
+        # one concurrency group for everything that generates, so `concurrency` bounds engine requests
+        limits = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
+        answering = gr.on([submit.click, query.submit], chat.respond, [query, history, *settings],
+                          [chatbot, history, query], **limits)
+        regenerating = regenerate.click(chat.regenerate, [history, *settings], [chatbot, history], **limits)
+        stop.click(None, cancels=[answering, regenerating])
+        clear.click(lambda: ([], []), None, [chatbot, history], cancels=[answering, regenerating])
+    return demo
+
+
+__all__ = ["Defaults", "WebChat", "build_demo", "to_messages"]

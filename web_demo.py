@@ -1,0 +1,91 @@
+"""Chat with a Qwen (v1) chat model in the browser; several people at once, answers streamed.
+
+    python web_demo.py                                     # the offline demo model on http://127.0.0.1:8000
+    python web_demo.py -c Qwen/Qwen-7B-Chat --server-name 0.0.0.0 --auth alice:secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
+    parser.add_argument("-c", "--checkpoint-path", default=None,
+                        help="hub id or checkpoint directory (default: the offline demo model)")
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--server-name", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together (default 8)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="answers being written at once; more wait in line (default 16)")
+    # initial values of the page's settings (default: the checkpoint's generation_config.json)
+    parser.add_argument("--system", default=None, help="initial system prompt")
+    parser.add_argument("--temperature", type=float, default=None, help="initial temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=None, help="initial top-p")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="initial longest answer, in tokens")
+    args = parser.parse_args(argv)
+    checks = [
+        (args.auth is None or (":" in args.auth and args.auth.split(":", 1)[0]), "--auth must be USER:PASSWORD"),
+        (0 <= args.server_port <= 65535, "--server-port must be in 0..65535"),
+        (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+        (args.concurrency >= 1, "--concurrency must be at least 1"),
+        (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
+        (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from dataclasses import replace
+
+    from transformers.utils import logging as hf_logging
+
+    from qwen.engine import Engine
+    from qwen.loading import CheckpointError, load_model_and_tokenizer
+    from qwen.webui import WebChat, build_demo
+
+    hf_logging.set_verbosity_error()
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
+    except CheckpointError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    config = model.config
+    engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
+                    max_context=getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None))
+    title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else \
+        args.checkpoint_path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    chat = WebChat(model, tokenizer, engine, title=title)
+    overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")
+                 if getattr(args, key) is not None}
+    chat.defaults = replace(chat.defaults, **overrides)
+    demo = build_demo(chat, concurrency=args.concurrency)
+    engine.start()
+    try:
+        demo.queue(max_size=max(64, args.concurrency)).launch(
+            server_name=args.server_name, server_port=args.server_port, share=args.share,
+            inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+            ssr_mode=False, show_error=True,
+        )
+    except OSError as exc:  # e.g. the port is taken
+        print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "
+              "pick another --server-port or stop the program using it.", file=sys.stderr)
+        return 1
+    finally:
+        engine.shutdown(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
