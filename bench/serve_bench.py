@@ -4,7 +4,7 @@ Starts the real server (the offline demo model unless -c is given) as a subproce
 streams a chat completion (greedy, --max-tokens) through the `openai` client; tokens are counted from the
 final usage chunk. Prints tokens/s for 1 and N clients, their ratio (target >= 5x) and p50/p95 TTFT.
 
-    python bench/serve_bench.py [-c CHECKPOINT] [--clients 8] [--max-tokens 64] [--rounds 2] [--url URL]
+    python bench/serve_bench.py [-c CHECKPOINT] [--clients 8] [--max-tokens 64] [--rounds 3] [--url URL]
 """
 
 import argparse
@@ -90,21 +90,24 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="bench a running server instead of starting one")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (OMP_NUM_THREADS)")
     args = parser.parse_args()
 
     process, url = (None, args.url) if args.url else start_server(args.checkpoint_path, args.threads)
     try:
         asyncio.run(run_round(url, 1, 4, 0))  # warm-up
-        results = {}
-        for clients in (1, args.clients):
-            rounds = [asyncio.run(run_round(url, clients, args.max_tokens, r * clients)) for r in range(args.rounds)]
-            ttfts = [t for _, ts in rounds for t in ts]
-            results[clients] = (statistics.median(r for r, _ in rounds), ttfts)
-            print(f"{clients:2d} client(s): {results[clients][0]:7.1f} tokens/s aggregate   "
+        rounds = {1: [], args.clients: []}
+        for r in range(args.rounds):  # interleaved, so a change in machine load hits both alike
+            for clients in rounds:
+                rounds[clients].append(asyncio.run(run_round(url, clients, args.max_tokens, r * clients)))
+        speed = {}
+        for clients, results in rounds.items():
+            speed[clients] = statistics.median(tokens_per_s for tokens_per_s, _ in results)
+            ttfts = [t for _, round_ttfts in results for t in round_ttfts]
+            print(f"{clients:2d} client(s): {speed[clients]:7.1f} tokens/s aggregate (median of {args.rounds})   "
                   f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p95 {percentile(ttfts, 95) * 1000:6.0f} ms")
-        ratio = results[args.clients][0] / results[1][0]
+        ratio = speed[args.clients] / speed[1]
         print(f"ratio {args.clients} clients / 1 client: {ratio:.2f}x (target >= 5x)")
     finally:
         if process is not None:
