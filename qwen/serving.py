@@ -20,8 +20,8 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,17 +29,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwen_generation_utils import (
-    IncrementalDetokenizer,
-    encode_plain,
-    eod_id,
-    get_stop_words_ids,
-    make_context,
-    make_continuation_context,
-)
+from qwen_generation_utils import encode_plain, eod_id, make_continuation_context
 
 from . import protocol as api
 from . import react
+from .chat_backend import ChatBackend, GenerationError
 from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -54,8 +48,6 @@ ERROR_TYPES = {
     500: "server_error",
     503: "server_error",
 }
-# engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 # how a tool call is reported: `tools` requests get tool_calls, legacy `functions` requests get function_call
 CALL_FINISH_REASONS = {False: "tool_calls", True: "function_call"}
 
@@ -74,60 +66,7 @@ class APIError(Exception):
         return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
-# ----------------------------------------------------------------------------------------- stop strings
-
-
-class StopStrings:
-    """Cuts generated text at the first stop string, across chunks.
-
-    push(text) returns the text that is certainly not part of a stop string; a tail that may be the start of
-    one is held back until the next push. After a hit, `stopped` is True and the rest is dropped.
-    """
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.stopped = False
-        self._held = ""
-
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        text = self._held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped, self._held = True, ""
-            return text[: min(hits)]
-        keep = self._possible_start(text)
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        """The held-back text, at the end of generation (it never became a stop string)."""
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
-
-    def _possible_start(self, text: str) -> int:
-        """Length of the longest tail of `text` that some stop string starts with."""
-        longest = min(len(text), max((len(s) - 1 for s in self.stops), default=0))
-        for size in range(longest, 0, -1):
-            tail = text[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0
-
-
 # ----------------------------------------------------------------------------------------- generation
-
-
-@dataclass
-class Piece:
-    """New text of one choice, the log-probabilities of the tokens behind it, and on the last piece why it ended."""
-
-    text: str = ""
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass
@@ -186,57 +125,29 @@ async def _cancel_on_disconnect(request: Request, handles) -> None:
             return
 
 
-class OpenAIServer:
+class OpenAIServer(ChatBackend):
     """The serving logic: turns validated requests into engine requests and engine events into API objects."""
 
     def __init__(self, model, tokenizer, engine: Engine, model_names: Sequence[str]):
-        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        super().__init__(model, tokenizer, engine)
         self.model_names = list(model_names)
-        self.generation_config = getattr(model, "generation_config", None)
-        self.chat_format = self._generation_default("chat_format", "chatml")
-        self.max_window_size = self._generation_default("max_window_size", 6144)
-        self.stop_token_ids, self.chat_stop_texts = self._stop_tokens()
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
 
-    # ---- defaults from the checkpoint's generation_config.json
-
-    def _generation_default(self, name: str, default):
-        value = getattr(self.generation_config, name, None)
-        return default if value is None else value
-
-    def _stop_tokens(self) -> tuple[tuple[int, ...], list[str]]:
-        """Token ids that end every reply, and multi-token stop words (as text) that end chat replies."""
-        ids = {eod_id(self.tokenizer)}
-        eos = self._generation_default("eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else eos or [])
-        texts = []
-        configured = self._generation_default("stop_words_ids", None) or []
-        for seq in [*configured, *get_stop_words_ids(self.chat_format, self.tokenizer)]:
-            if len(seq) == 1:
-                ids.add(seq[0])
-            else:
-                texts.append(self.tokenizer.decode(seq))
-        return tuple(sorted(i for i in ids if i is not None)), texts
-
-    def sampling_params(self, request: api._SamplingRequest, max_new_tokens: int | None, choice: int,
-                        stop_token_ids: Sequence[int], logprobs: bool = False, top_logprobs: int = 0):
+    def request_sampling_params(self, request: api._SamplingRequest, max_new_tokens: int | None, choice: int,
+                                stop_token_ids: Sequence[int], logprobs: bool = False,
+                                top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams of choice number `choice`: request fields, else the checkpoint's generation_config."""
-        temperature = request.temperature
-        if temperature is None:
-            sampling = self._generation_default("do_sample", True)
-            temperature = self._generation_default("temperature", 1.0) if sampling else 0.0
-        seed = None if request.seed is None else request.seed + choice  # n choices differ, reproducibly
         try:
-            return SamplingParams(
-                max_new_tokens=max_new_tokens or self._generation_default("max_new_tokens", 512),
-                temperature=0.0 if temperature < 0.01 else temperature,  # as the original: tiny means greedy
-                top_p=request.top_p or self._generation_default("top_p", 1.0),
-                top_k=self._generation_default("top_k", 0) if request.top_k is None else request.top_k,
-                repetition_penalty=request.repetition_penalty or self._generation_default("repetition_penalty", 1.0),
-                presence_penalty=request.presence_penalty or 0.0,
-                frequency_penalty=request.frequency_penalty or 0.0,
-                seed=seed,
-                stop_token_ids=tuple(stop_token_ids),
+            return self.sampling_params(
+                max_new_tokens=max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                repetition_penalty=request.repetition_penalty,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                seed=None if request.seed is None else request.seed + choice,  # n choices differ, reproducibly
+                stop_token_ids=stop_token_ids,
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
             )
@@ -265,12 +176,11 @@ class OpenAIServer:
         if continuing:
             _, prompt_ids = make_continuation_context(self.tokenizer, history, system, self.max_window_size)
         else:
-            _, prompt_ids = make_context(self.tokenizer, query, history, system, self.max_window_size,
-                                         self.chat_format)
+            prompt_ids = self.chat_prompt(query, history, system)
         use_react = bool(tools) or continuing
         stops = request.stop_list() + self.chat_stop_texts + react.stop_words_for(use_react)  # truthy: ReAct output
         params = [
-            self.sampling_params(request, request.max_new_tokens, i, self.stop_token_ids,
+            self.request_sampling_params(request, request.max_new_tokens, i, self.stop_token_ids,
                                  request.logprobs, request.top_logprobs or 0)
             for i in range(request.n)
         ]
@@ -293,36 +203,6 @@ class OpenAIServer:
                 for handle in handles:
                     handle.cancel()
         return handles
-
-    async def pieces(self, handle, stops: Sequence[str]) -> AsyncIterator[Piece]:
-        """The text of one engine request as it is generated, cut at the first stop string."""
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        cutter = StopStrings(stops)
-        tokens: list[TokenEvent] = []  # events whose text is not released yet
-        consumed = 0
-        try:
-            async for event in handle:
-                if isinstance(event, TokenEvent):
-                    consumed += 1
-                    tokens.append(event)
-                    text = cutter.push(detokenizer.push(event.token_id))
-                    if cutter.stopped:
-                        handle.cancel()
-                        yield Piece(text, tokens if text else [], "stop", handle.prompt_tokens, consumed)
-                        return
-                    if text:
-                        yield Piece(text, tokens)
-                        tokens = []
-                elif event.reason == "error":
-                    raise APIError(500, f"generation failed: {event.error}")
-                else:
-                    text = cutter.push(detokenizer.finish())
-                    text += cutter.flush()
-                    yield Piece(text, tokens, FINISH_REASONS[event.reason], event.prompt_tokens,
-                                event.completion_tokens)
-                    return
-        finally:
-            handle.cancel()
 
     async def chat_events(self, handle, plan: ChatPlan) -> AsyncIterator[dict]:
         """One choice of a chat completion as delta dicts: {"content"}, {"tool_call"} and a final {"finish"}."""
@@ -469,7 +349,7 @@ class OpenAIServer:
         want_logprobs = request.logprobs is not None
         stop_ids = sorted({eod_id(self.tokenizer), *self.stop_token_ids})
         params = [
-            self.sampling_params(request, request.max_tokens, j, stop_ids, want_logprobs, request.logprobs or 0)
+            self.request_sampling_params(request, request.max_tokens, j, stop_ids, want_logprobs, request.logprobs or 0)
             for j in range(request.n)
         ]
         handles = []
@@ -564,7 +444,9 @@ def _event_stream(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except APIError as exc:
+        except (APIError, GenerationError) as exc:
+            if isinstance(exc, GenerationError):
+                exc = APIError(500, str(exc))
             error = api.ErrorResponse.of(exc.message, ERROR_TYPES.get(exc.status, "server_error"))
             yield f"data: {json.dumps(error.model_dump(), ensure_ascii=False)}\n\n"
         finally:  # also when the client disconnected and the task is cancelled: free the slots
@@ -666,6 +548,10 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(GenerationError)
+    async def generation_error(request: Request, exc: GenerationError):
+        return APIError(500, str(exc)).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail)).response()
@@ -707,4 +593,4 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     return app
 
 
-__all__ = ["APIError", "OpenAIServer", "StopStrings", "create_app", "make_auth_check"]
+__all__ = ["APIError", "OpenAIServer", "create_app", "make_auth_check"]

@@ -8,7 +8,7 @@ one person at a time. Here:
 - every answer is a request to ``qwen.engine.Engine`` (the API server's engine), so the answers of several
   people are decoded in one batch, and the chat events run with a concurrency limit above one;
 - prompts, stop tokens, stop strings and streaming text come from the same code as the API server
-  (``qwen.serving.OpenAIServer``: generation_config defaults, stop handling, incremental detokenization);
+  (``qwen.chat_backend.ChatBackend``: generation_config defaults, stop handling, incremental detokenization);
 - Stop cancels the gradio event, which cancels the engine request (the stream's ``finally``), and the
   partial answer stays, as shown, in the history;
 - mistakes and limits (empty message, prompt too long, server busy) show up in the page as gr.Warning /
@@ -22,14 +22,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from qwen_generation_utils import make_context
-
+from .chat_backend import ChatBackend, GenerationError
 from .cli import DEFAULT_SYSTEM
 from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams
-from .serving import APIError, OpenAIServer
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
-GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
 BUSY_MESSAGE = "An answer is still being written in this chat: wait for it, or press Stop."
 
@@ -61,36 +58,29 @@ class WebChat:
 
     def __init__(self, model, tokenizer, engine: Engine, *, title: str = "Qwen", defaults: Defaults | None = None):
         self.tokenizer, self.engine, self.title = tokenizer, engine, title
-        # the API server's serving logic: checkpoint defaults, stop tokens and strings, streamed text
-        self.server = OpenAIServer(model, tokenizer, engine, [title])
+        # shared with the API server: checkpoint defaults, stop tokens and strings, streamed text
+        self.backend = ChatBackend(model, tokenizer, engine)
         self.defaults = defaults or self.checkpoint_defaults()
         self._busy: set[str] = set()  # sessions with an answer being written
 
     def checkpoint_defaults(self) -> Defaults:
         """The checkpoint's generation_config.json sampling settings (greedy when it does not sample)."""
-        value = self.server._generation_default
+        value = self.backend.default
         temperature = value("temperature", 1.0) if value("do_sample", True) else 0.0
         return Defaults(temperature=temperature, top_p=value("top_p", 1.0),
                         max_new_tokens=value("max_new_tokens", 512))
 
     def sampling_params(self, temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
-        value = self.server._generation_default
         try:
-            return SamplingParams(
-                max_new_tokens=int(max_new_tokens),
-                temperature=0.0 if temperature < GREEDY_BELOW else float(temperature),
-                top_p=float(top_p),
-                top_k=value("top_k", 0) or 0,
-                repetition_penalty=value("repetition_penalty", 1.0) or 1.0,
-                stop_token_ids=self.server.stop_token_ids,
+            return self.backend.sampling_params(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
             )
         except ValueError as exc:
             raise gr.Error(f"{exc}; fix it in the Settings panel.") from exc
 
     def submit(self, query: str, history: History, system: str, params: SamplingParams):
         """The engine request for `query` after `history`; page errors for what the person can act on."""
-        _, prompt_ids = make_context(self.tokenizer, query, history, system, self.server.max_window_size,
-                                     self.server.chat_format)
+        prompt_ids = self.backend.chat_prompt(query, history, system)
         try:
             return self.engine.submit(prompt_ids, params)
         except PromptTooLongError as exc:
@@ -110,13 +100,13 @@ class WebChat:
         response = ""
         try:
             yield [*history, (query, response)]
-            async for piece in self.server.pieces(handle, self.server.chat_stop_texts):
+            async for piece in self.backend.pieces(handle, self.backend.chat_stop_texts):
                 if piece.text:
                     response += piece.text
                     yield [*history, (query, response)]
-        except APIError as exc:  # the engine failed (e.g. out of memory); the turn is dropped
+        except GenerationError as exc:  # the engine failed (e.g. out of memory); the turn is dropped
             yield list(history)
-            raise gr.Error(f"Generation failed: {exc.message}") from exc
+            raise gr.Error(f"The answer could not be written: {exc}") from exc
         finally:  # also on cancellation (Stop, Clear, the browser going away): pieces() cancels the request
             self._busy.discard(session)
             handle.cancel()

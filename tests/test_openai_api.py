@@ -27,7 +27,8 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qwen import protocol as api
-from qwen.serving import StopStrings, create_app
+from qwen.chat_backend import StopStrings
+from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
 

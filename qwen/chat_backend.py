@@ -1,0 +1,164 @@
+"""A chat model served through the batched engine: what the API server and the web page share.
+
+The checkpoint's generation_config.json gives the chat settings (ChatML or raw, window, stop tokens) and the
+sampling defaults; ``pieces()`` turns one engine request into text as it is generated — incremental
+detokenization, stop strings cut even when they arrive split over several tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from qwen_generation_utils import IncrementalDetokenizer, eod_id, get_stop_words_ids, make_context
+
+from .engine import Engine, SamplingParams, TokenEvent
+
+# engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
+
+
+class GenerationError(RuntimeError):
+    """The engine failed a request (e.g. out of memory); other requests go on."""
+
+
+class StopStrings:
+    """Cuts generated text at the first stop string, across chunks.
+
+    push(text) returns the text that is certainly not part of a stop string; a tail that may be the start of
+    one is held back until the next push. After a hit, `stopped` is True and the rest is dropped.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.stopped = False
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return text[: min(hits)]
+        keep = self._possible_start(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """The held-back text, at the end of generation (it never became a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _possible_start(self, text: str) -> int:
+        """Length of the longest tail of `text` that some stop string starts with."""
+        longest = min(len(text), max((len(s) - 1 for s in self.stops), default=0))
+        for size in range(longest, 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self.stops):
+                return size
+        return 0
+
+
+@dataclass
+class Piece:
+    """New text of one choice, the log-probabilities of the tokens behind it, and on the last piece why it ended."""
+
+    text: str = ""
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ChatBackend:
+    """A model + tokenizer + engine, with the checkpoint's chat settings and sampling defaults."""
+
+    def __init__(self, model, tokenizer, engine: Engine):
+        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        self.generation_config = getattr(model, "generation_config", None)
+        self.chat_format = self.default("chat_format", "chatml")
+        self.max_window_size = self.default("max_window_size", 6144)
+        self.stop_token_ids, self.chat_stop_texts = self._stop_tokens()
+
+    def default(self, name: str, fallback):
+        """A setting of the checkpoint's generation_config, or `fallback` when it has none."""
+        value = getattr(self.generation_config, name, None)
+        return fallback if value is None else value
+
+    def _stop_tokens(self) -> tuple[tuple[int, ...], list[str]]:
+        """Token ids that end every reply, and multi-token stop words (as text) that end chat replies."""
+        ids = {eod_id(self.tokenizer)}
+        eos = self.default("eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+        texts = []
+        configured = self.default("stop_words_ids", None) or []
+        for seq in [*configured, *get_stop_words_ids(self.chat_format, self.tokenizer)]:
+            if len(seq) == 1:
+                ids.add(seq[0])
+            else:
+                texts.append(self.tokenizer.decode(seq))
+        return tuple(sorted(i for i in ids if i is not None)), texts
+
+    def sampling_params(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, top_k: int | None = None,
+                        repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                        frequency_penalty: float | None = None, seed: int | None = None,
+                        stop_token_ids: Sequence[int] | None = None, logprobs: bool = False,
+                        top_logprobs: int = 0) -> SamplingParams:
+        """Engine sampling parameters; what is None comes from the checkpoint. Bad values raise ValueError."""
+        if temperature is None:
+            temperature = self.default("temperature", 1.0) if self.default("do_sample", True) else 0.0
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.default("max_new_tokens", 512),
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            top_p=top_p or self.default("top_p", 1.0),
+            top_k=self.default("top_k", 0) if top_k is None else top_k,
+            repetition_penalty=repetition_penalty or self.default("repetition_penalty", 1.0),
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            seed=seed,
+            stop_token_ids=tuple(self.stop_token_ids if stop_token_ids is None else stop_token_ids),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+    def chat_prompt(self, query: str, history, system: str) -> list[int]:
+        """Prompt ids of one chat turn (ChatML; user text never parsed as control tokens)."""
+        return make_context(self.tokenizer, query, history, system, self.max_window_size, self.chat_format)[1]
+
+    async def pieces(self, handle, stops: Sequence[str]) -> AsyncIterator[Piece]:
+        """The text of one engine request as it is generated, cut at the first stop string.
+
+        Raises GenerationError when the engine fails the request; the request is cancelled however the
+        consumer leaves (also when it stops iterating early).
+        """
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        cutter = StopStrings(stops)
+        tokens: list[TokenEvent] = []  # events whose text is not released yet
+        consumed = 0
+        try:
+            async for event in handle:
+                if isinstance(event, TokenEvent):
+                    consumed += 1
+                    tokens.append(event)
+                    text = cutter.push(detokenizer.push(event.token_id))
+                    if cutter.stopped:
+                        handle.cancel()
+                        yield Piece(text, tokens if text else [], "stop", handle.prompt_tokens, consumed)
+                        return
+                    if text:
+                        yield Piece(text, tokens)
+                        tokens = []
+                elif event.reason == "error":
+                    raise GenerationError(f"generation failed: {event.error}")
+                else:
+                    text = cutter.push(detokenizer.finish())
+                    text += cutter.flush()
+                    yield Piece(text, tokens, FINISH_REASONS[event.reason], event.prompt_tokens,
+                                event.completion_tokens)
+                    return
+        finally:
+            handle.cancel()
