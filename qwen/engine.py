@@ -305,7 +305,9 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return sum(not s.handle.finished for s in self._rows)
+        """Requests taken from the queue and not finished (a request being prefilled counts)."""
+        with self._lock:
+            return self._active - len(self._waiting)
 
     @property
     def num_waiting(self) -> int:

@@ -160,6 +160,25 @@ def test_cancel_frees_the_slot(model):
         assert (tokens, finish.reason) == (reference(model, PROMPTS[1], 3), "length")
 
 
+def test_a_request_being_prefilled_counts_as_running(model):
+    engine = Engine(model)  # not started: step() runs the iterations here
+    seen = []
+    prefill = engine._prefill
+
+    def watching_prefill(seqs):
+        seen.append((engine.num_running, engine.num_waiting))
+        prefill(seqs)
+
+    engine._prefill = watching_prefill
+    handle = engine.submit(PROMPTS[0], greedy(5))
+    assert (engine.num_running, engine.num_waiting) == (0, 1)
+    engine.step()
+    assert seen == [(1, 0)] and engine.num_running == 1
+    handle.cancel()
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (0, 0)
+
+
 def test_leaving_an_iteration_cancels(model):
     with Engine(model) as engine:
         handle = engine.submit(PROMPTS[0], greedy(100_000))
