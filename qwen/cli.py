@@ -1,8 +1,8 @@
 """The terminal chat behind ``cli_demo.py``: commands, typed ``:conf`` parsing, streaming, save/load.
 
-The original demo ``eval()``-ed ``:conf`` values, never passed the edited config to generation, and redrew the
-whole screen per token. Here values are parsed against a type table, the session's ``GenerationConfig`` is what
-every turn generates with, and streaming appends only the new text.
+The original demo ran ``:conf`` values through Python's eval, never passed the edited config to generation,
+and redrew the whole screen per token. Here values are parsed against a type table, the session's
+``GenerationConfig`` is what every turn generates with, and streaming appends only the new text.
 """
 
 from __future__ import annotations

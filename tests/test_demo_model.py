@@ -119,17 +119,22 @@ def test_an_incomplete_cache_is_never_used(tmp_path, monkeypatch):
     assert rebuilt == [tmp_path]
 
 
-def test_unreachable_registry_says_how_to_use_a_real_checkpoint(tmp_path):
-    # A fresh process whose pip can only reach a closed local port: the registry is "down".
-    env = {
+def registry_down_env(demo_dir):
+    """The environment of a process whose pip can only reach a closed local port, with its own demo cache."""
+    return {
         **os.environ,
-        "QWEN_DEMO_DIR": str(tmp_path),
+        "QWEN_DEMO_DIR": str(demo_dir),
         "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
         "PIP_RETRIES": "0",
         "PIP_TIMEOUT": "2",
         "PIP_NO_CACHE_DIR": "1",
         "PIP_FIND_LINKS": "",
     }
+
+
+def test_unreachable_registry_says_how_to_use_a_real_checkpoint(tmp_path):
+    # A fresh process whose pip can only reach a closed local port: the registry is "down".
+    env = registry_down_env(tmp_path)
     code = "from qwen.demo import demo_checkpoint; demo_checkpoint()"
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -150,14 +155,7 @@ def test_a_second_process_waits_for_the_first_then_uses_its_result(tmp_path):
     from qwen.demo import DEMO_NAME, _ready_record
 
     checkpoint = tmp_path / f"{DEMO_NAME}-qwen"
-    env = {
-        **os.environ,
-        "QWEN_DEMO_DIR": str(tmp_path),
-        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-        "PIP_RETRIES": "0",
-        "PIP_TIMEOUT": "2",
-        "PIP_NO_CACHE_DIR": "1",
-    }  # it must not download
+    env = registry_down_env(tmp_path)  # it must not download
     with open(tmp_path / ".lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # "the first process" is preparing
         code = "from qwen.demo import demo_checkpoint; print(demo_checkpoint())"
