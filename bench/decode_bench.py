@@ -3,8 +3,8 @@
 Both models get the same random QWen weights (converted for Qwen2 with qwen.weights.qwen_to_qwen2), the same
 dtype, device, prompt and number of new tokens; runs alternate between the two and the median is reported.
 
-    python bench/decode_bench.py                       # ~190M params, fp32 on CPU (bf16 on CUDA)
-    python bench/decode_bench.py --device cuda --dtype bfloat16 --new-tokens 256
+    python -m bench.decode_bench                       # ~190M params, fp32 on CPU (bf16 on CUDA)
+    python -m bench.decode_bench --device cuda --dtype bfloat16 --new-tokens 256
 """
 
 import argparse

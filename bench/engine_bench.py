@@ -5,7 +5,7 @@ greedy, every request generating exactly --new-tokens tokens. Each case also run
 only); the difference is the decode phase, reported apart from the end-to-end rate. Times are the best of
 --repeats interleaved runs, in wall seconds and in CPU seconds of this process (steadier on a shared CPU).
 
-    python bench/engine_bench.py [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
+    python -m bench.engine_bench [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--dtype float32|bfloat16]
 """
 

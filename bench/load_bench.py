@@ -1,6 +1,6 @@
 """How long it takes to get a ready demo model: our cached QWen checkpoint vs transformers reading the GGUF.
 
-    python bench/load_bench.py [--repeats 3] [--cache-dir DIR]
+    python -m bench.load_bench [--repeats 3] [--cache-dir DIR]
 
 Peer: transformers' own LlamaForCausalLM + tokenizer loaded from the same SmolLM2 GGUF (it dequantizes on
 every load). Target: the cached demo loads in under 5 s on a laptop CPU. Each timing runs in a fresh

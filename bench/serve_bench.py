@@ -4,7 +4,7 @@ Starts the real server (the offline demo model unless -c is given) as a subproce
 streams a chat completion (greedy, --max-tokens) through the `openai` client; tokens are counted from the
 final usage chunk. Prints tokens/s for 1 and N clients, their ratio (target >= 5x) and p50/p95 TTFT.
 
-    python bench/serve_bench.py [-c CHECKPOINT] [--clients 8] [--max-tokens 64] [--rounds 3] [--url URL]
+    python -m bench.serve_bench [-c CHECKPOINT] [--clients 8] [--max-tokens 64] [--rounds 3] [--url URL]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Encode speed of QWenTokenizer vs transformers' Qwen2TokenizerFast built from the same vocabulary.
 
-    python bench/tokenizer_bench.py [--mb 10] [--doc-kb 8]
+    python -m bench.tokenizer_bench [--mb 10] [--doc-kb 8]
 
 Both tokenizers get the same ~10 MB of mixed English / Chinese / code / emoji text, split into documents, and
 must produce identical ids. The peer is built offline from qwen.tiktoken with transformers' tiktoken converter
@@ -13,11 +13,9 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the HF batch call would otherwise use every core
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import Qwen2TokenizerFast  # noqa: E402
 from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
