@@ -259,7 +259,11 @@ def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
         isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
     )
     if torch.cuda.is_available() and not on_cpu:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (torch now also reports emulated bf16 on T4 / V100); fp16 needs compute capability 7+.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        if torch.cuda.get_device_capability()[0] >= 7:
+            return torch.float16
     return torch.float32
 
 
