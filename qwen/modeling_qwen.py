@@ -568,11 +568,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         query: str,
         history: list[tuple[str, str]] | None = None,
         system: str = "You are a helpful assistant.",
+        append_history: bool = True,
         stop_words_ids: list[list[int]] | None = None,
         generation_config: GenerationConfig | None = None,
         **kwargs,
     ) -> tuple[str, list[tuple[str, str]]]:
-        """One chat turn: returns the response and a new history list with (query, response) appended."""
+        """One chat turn: returns the response and a new history list (with (query, response) appended unless
+        append_history=False, as the original's parameter of that name)."""
         from qwen_generation_utils import decode_tokens
 
         generation_config, extra, history, raw_text, input_ids, stop_words_ids = self._chat_inputs(
@@ -594,7 +596,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             verbose=False,
             errors="replace",
         )
-        history.append((query, response))
+        if append_history:
+            history.append((query, response))
         return response, history
 
     def chat_stream(

@@ -380,3 +380,18 @@ def test_automatic_precision_follows_the_gpu_as_the_original(monkeypatch, capabi
     config = QWenConfig(**TINY)
     assert _resolve_precision(config, device_map=None) == expected
     assert _resolve_precision(config, device_map="cpu") == torch.float32
+
+
+def test_chat_accepts_the_originals_append_history_flag():
+    from qwen.tokenization_qwen import QWenTokenizer
+
+    tokenizer = QWenTokenizer()
+    torch.manual_seed(0)
+    config = QWenConfig(vocab_size=151936, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        kv_channels=16, intermediate_size=64, seq_length=8192)  # fmt: skip
+    model = QWenLMHeadModel(config).eval()
+    model.generation_config.update(chat_format="chatml", max_window_size=6144, do_sample=False, max_new_tokens=4)
+    history = [("a", "b")]
+    end = [_FirstScores(tokenizer.im_end_id)]
+    assert model.chat(tokenizer, "hi", history, append_history=False, logits_processor=end)[1] == history
+    assert model.chat(tokenizer, "hi", history, logits_processor=end)[1] == [("a", "b"), ("hi", "")]
