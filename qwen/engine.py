@@ -288,6 +288,7 @@ class Engine:
         # only the last position's logits are needed; models that support it skip the rest of the lm_head
         accepts = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self._recompute_check = getattr(model, "needs_cache_recompute", None)
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -409,9 +410,13 @@ class Engine:
 
     def _step(self) -> None:
         self._keep([s for s in self._rows if not self._finish_if_cancelled(s)])
+        # rows whose cache the model says is stale (QWen's dynamic NTK alpha changed) are prefilled again
+        stale = [s for s in self._rows if self._needs_recompute(s)]
+        if stale:
+            self._keep([s for s in self._rows if s not in stale])
         with self._lock:
-            free = self.max_batch_size - len(self._rows)
-            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            free = self.max_batch_size - len(self._rows) - len(stale)
+            admitted = stale + [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         if admitted:
             try:
                 self._prefill(admitted)
@@ -430,12 +435,19 @@ class Engine:
                 self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
         self._keep([s for s in self._rows if not s.handle.finished])
 
+    def _needs_recompute(self, seq: _Sequence) -> bool:
+        """Whether the model wants this row's cache rebuilt before its next token (see needs_cache_recompute)."""
+        if self._recompute_check is None:
+            return False
+        total = len(seq.prompt) + len(seq.generated)
+        return self._recompute_check(total - 1, total)  # the newest token is not in the cache yet
+
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        width = max(len(s.prompt) for s in seqs)
-        input_ids = torch.tensor([[0] * (width - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device
-        )
+        """Compute the cache of `seqs` (new requests, or rows to recompute: prompt + generated so far)."""
+        tokens = [s.prompt + s.generated for s in seqs]
+        width = max(len(t) for t in tokens)
+        input_ids = torch.tensor([[0] * (width - len(t)) + t for t in tokens], device=self.device)
+        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tokens], device=self.device)
         cache = DynamicCache()
         logits = self._forward(input_ids, mask, cache, **self._prefill_kwargs)
         _check_cache(cache)

@@ -520,6 +520,36 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         )
 
     # ------------------------------------------------------------------------------------------------------------
+    # Dynamic NTK during generation: a cache computed under another alpha is recomputed, not patched
+
+    def needs_cache_recompute(self, cached_length: int, total_length: int) -> bool:
+        """Whether a row whose cache holds `cached_length` tokens must be recomputed to go on at `total_length`.
+
+        Under dynamic NTK every position is rotated with the alpha of the whole length; once the alpha changes,
+        the cached keys AND everything deeper layers computed from them are stale. Re-rotating keys in place is
+        exact for the first layer only, so callers that still have the token ids (generate(), the engine)
+        feed the whole sequence again, at most once per doubling of the length.
+        """
+        if not self.config.use_dynamic_ntk or self.training or cached_length == 0:
+            return False
+        seq_length = self.config.seq_length
+        return dynamic_ntk_alpha(cached_length, seq_length) != dynamic_ntk_alpha(total_length, seq_length)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, **kwargs):
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cached and next_sequence_length is not None:
+            totals = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]]
+            new = input_ids.shape[1] - cached
+            if any(self.needs_cache_recompute(total - new, total) for total in totals):
+                past_key_values.crop(-cached)
+                next_sequence_length = None  # the whole sequence, under the new alpha
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
     # Generation with stop words, and the original chat API
 
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
