@@ -67,6 +67,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0 (0 means off)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 means off)"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),  # torch.Generator's
         ]
         for ok, message in checks:
             if not ok:
@@ -373,12 +374,13 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            left = list(self._waiting) + self._rows
+            waiting = list(self._waiting)
             self._waiting.clear()
-        for seq in left:
-            if not seq.handle.finished:
-                self._finish(seq, "cancelled")
-        self._reset_batch()
+        for seq in waiting:
+            self._finish(seq, "cancelled")
+        # the running batch belongs to the engine thread: a thread still in a (long) step cancels it on exit
+        if self._thread is None or not self._thread.is_alive():
+            self._cancel_rows()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -393,8 +395,10 @@ class Engine:
             while True:
                 with self._work:
                     self._work.wait_for(lambda: self._stopping or self._waiting or self._rows)
-                    if self._stopping:
-                        return
+                    stopping = self._stopping
+                if stopping:
+                    self._cancel_rows()
+                    return
                 try:
                     self._step()
                 except Exception as exc:  # last line of defence: fail what runs, keep the thread alive
@@ -482,29 +486,35 @@ class Engine:
         want_logprobs = any(s.params.logprobs or s.params.top_logprobs for s in seqs)
         logprobs = logits.log_softmax(-1) if want_logprobs else [None] * len(seqs)
         for seq, row_logits, row_logprobs in zip(seqs, logits, logprobs, strict=True):
-            p = seq.params
-            if p.uses_penalties and seq.counts is None:
-                seq.counts = torch.zeros_like(row_logits)
-                seq.prompt_seen = torch.zeros_like(row_logits, dtype=torch.bool)
-                seq.prompt_seen[torch.tensor(seq.prompt, device=self.device)] = True
-            token = _sample(row_logits, seq)
-            seq.generated.append(token)
-            if seq.counts is not None:
-                seq.counts[token] += 1
-            if token in p.stop_token_ids:
-                self._finish(seq, "stop")
-                continue
-            event = TokenEvent(token)
-            if p.logprobs or p.top_logprobs:
-                top = None
-                if p.top_logprobs:
-                    values, indices = torch.topk(row_logprobs, p.top_logprobs)
-                    top = list(zip(indices.tolist(), values.tolist(), strict=True))
-                event = TokenEvent(token, float(row_logprobs[token]), top)
-            seq.handle._emit(event)
-            if len(seq.generated) >= seq.max_new_tokens:
-                self._finish(seq, "length")
+            try:
+                self._emit_token(seq, row_logits, row_logprobs)
+            except Exception as exc:  # e.g. one request's penalties overflow to NaN: fail it, not its batch
+                self._fail([seq], exc)
         self._keep([s for s in self._rows if not s.handle.finished])
+
+    def _emit_token(self, seq: _Sequence, row_logits: torch.Tensor, row_logprobs: torch.Tensor | None) -> None:
+        p = seq.params
+        if p.uses_penalties and seq.counts is None:
+            seq.counts = torch.zeros_like(row_logits)
+            seq.prompt_seen = torch.zeros_like(row_logits, dtype=torch.bool)
+            seq.prompt_seen[torch.tensor(seq.prompt, device=self.device)] = True
+        token = _sample(row_logits, seq)
+        seq.generated.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if token in p.stop_token_ids:
+            self._finish(seq, "stop")
+            return
+        event = TokenEvent(token)
+        if p.logprobs or p.top_logprobs:
+            top = None
+            if p.top_logprobs:
+                values, indices = torch.topk(row_logprobs, p.top_logprobs)
+                top = list(zip(indices.tolist(), values.tolist(), strict=True))
+            event = TokenEvent(token, float(row_logprobs[token]), top)
+        seq.handle._emit(event)
+        if len(seq.generated) >= seq.max_new_tokens:
+            self._finish(seq, "length")
 
     def _finish_if_cancelled(self, seq: _Sequence) -> bool:
         if seq.handle.cancelled and not seq.handle.finished:
@@ -527,6 +537,12 @@ class Engine:
         keep = torch.tensor([index[id(s)] for s in rows], device=self.device)
         self._cache, self._mask = _cache_select(self._cache, self._mask, keep)
         self._rows = rows
+
+    def _cancel_rows(self) -> None:
+        for seq in self._rows:
+            if not seq.handle.finished:
+                self._finish(seq, "cancelled")
+        self._reset_batch()
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
