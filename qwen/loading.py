@@ -162,13 +162,15 @@ def resolve_device(device: str | None, cpu_only: bool) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """dtype None/"auto": bf16 on a GPU that has it, fp16 on other GPUs, fp32 on the CPU."""
+    """dtype None/"auto": as the original (native bf16, else fp16 from compute capability 7) on a GPU, fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device == "cpu" or not torch.cuda.is_available():
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from .modeling_qwen import native_cuda_dtype
+
+        return native_cuda_dtype()
     if str(dtype).lower() not in DTYPES:
         raise CheckpointError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
     return DTYPES[str(dtype).lower()]

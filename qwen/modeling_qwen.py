@@ -251,20 +251,24 @@ class QWenBlock(GradientCheckpointingLayer):
 # Models
 
 
+def native_cuda_dtype() -> torch.dtype:
+    """The original's automatic GPU precision: bf16 where it is native, fp16 from compute capability 7, else fp32."""
+    # Native bf16 only: torch now also reports emulated bf16 (T4 / V100) as supported.
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if torch.cuda.get_device_capability()[0] >= 7:
+        return torch.float16
+    return torch.float32
+
+
 def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
-    """The original's precision choice: a bf16/fp16/fp32 flag in config.json, else bf16 (or fp16) on CUDA, else fp32."""
+    """The original's precision choice: a bf16/fp16/fp32 flag in config.json, else the GPU's, else fp32."""
     if (name := config.precision_dtype_name()) is not None:
         return getattr(torch, name)
     on_cpu = device_map in ("cpu", torch.device("cpu")) or (
         isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
     )
-    if torch.cuda.is_available() and not on_cpu:
-        # Native bf16 only (torch now also reports emulated bf16 on T4 / V100); fp16 needs compute capability 7+.
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16
-        if torch.cuda.get_device_capability()[0] >= 7:
-            return torch.float16
-    return torch.float32
+    return native_cuda_dtype() if torch.cuda.is_available() and not on_cpu else torch.float32
 
 
 def _flash_attn_usable(config: QWenConfig) -> bool:

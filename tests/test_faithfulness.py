@@ -369,6 +369,7 @@ def test_chat_applies_the_real_generation_config():
 def test_automatic_precision_follows_the_gpu_as_the_original(monkeypatch, capability, expected):
     """Native bf16 (compute capability 8+) -> bf16; else fp16 from capability 7 (V100, T4); else fp32.
     torch's is_bf16_supported() now also says True for emulated bf16 (T4, V100), which the original never used."""
+    from qwen.loading import resolve_dtype
     from qwen.modeling_qwen import _resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -380,6 +381,8 @@ def test_automatic_precision_follows_the_gpu_as_the_original(monkeypatch, capabi
     config = QWenConfig(**TINY)
     assert _resolve_precision(config, device_map=None) == expected
     assert _resolve_precision(config, device_map="cpu") == torch.float32
+    # the scripts' loader makes the same choice
+    assert resolve_dtype("auto", "cuda") == expected and resolve_dtype(None, "cpu") == torch.float32
 
 
 def test_chat_accepts_the_originals_append_history_flag():
