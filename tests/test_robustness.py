@@ -1,0 +1,111 @@
+"""Robustness of the serving stack: one bad request fails alone, shutdown never races the engine thread."""
+
+import threading
+
+import openai
+import pytest
+from test_engine import _build
+from test_openai_api import ScriptedLM, ServerThread
+
+from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from qwen.serving import create_app
+from qwen.tokenization_qwen import QWenTokenizer
+
+# divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
+OVERFLOWING_PENALTY = dict(temperature=1.0, repetition_penalty=1e-45)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build("llama")
+
+
+def test_a_sampling_failure_fails_only_its_own_request(model):
+    engine = Engine(model, max_batch_size=4)
+    good = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0))
+    bad = engine.submit(list(range(64)), SamplingParams(max_new_tokens=4, **OVERFLOWING_PENALTY))
+    for _ in range(6):
+        engine.step()
+    tokens, finish = good.result()
+    assert finish.reason == "length" and len(tokens) == 4
+    bad_finish = bad.result()[1]
+    assert bad_finish.reason == "error" and "nan" in bad_finish.error
+    assert engine.num_running == 0 and engine._active == 0
+
+
+def test_shutdown_during_a_long_step_leaves_the_batch_to_the_engine_thread(model):
+    """shutdown(timeout) returning while a step still runs: no event after a request's FinishEvent."""
+    entered, release = threading.Event(), threading.Event()
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        entered.set()
+        release.wait(10)  # the step outlasts shutdown's timeout
+        return forward(*args, **kwargs)
+
+    engine = Engine(model, max_batch_size=1)
+    engine.model = _Callable(slow_forward)  # the engine calls self.model(...)
+    running = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=50, temperature=0))
+    engine.start()
+    waiting = engine.submit([8, 9], SamplingParams(max_new_tokens=50, temperature=0))
+    assert entered.wait(10)
+    engine.shutdown(timeout=0.01)
+    assert list(waiting) == [FinishEvent("cancelled", 2, 0)]
+    release.set()
+    engine._thread.join(10)
+    events = list(running._events)  # not iterated: a request that never finishes would block the test
+    assert [type(e) for e in events] == [TokenEvent] * (len(events) - 1) + [FinishEvent]
+    assert events[-1].reason == "cancelled" and engine._active == 0
+
+
+class _Callable:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------ through the HTTP API
+
+
+class PositiveScriptedLM(ScriptedLM):
+    """The scripted model with its chosen token at logit +10 (a real model's logits have positive ones)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits + 10
+        return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return QWenTokenizer()
+
+
+def test_api_a_request_whose_sampling_fails_does_not_break_its_neighbour(tokenizer):
+    model = PositiveScriptedLM(tokenizer, delay=0.01)
+    with ServerThread(create_app(model, tokenizer, model_names=["s"], max_context=1024)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(
+            model="s", messages=[{"role": "user", "content": "Count forever."}], stream=True, max_tokens=40
+        )
+        chunks = iter(stream)
+        text = next(c for c in chunks if c.choices and c.choices[0].delta.content).choices[0].delta.content
+        # the penalty overflows at the answer's second "," (a token it has written before): a decode step
+        with pytest.raises(openai.InternalServerError, match="generation failed"):
+            client.chat.completions.create(model="s", messages=[{"role": "user", "content": "Count."}], seed=0,
+                                           extra_body=OVERFLOWING_PENALTY)
+        finish = None
+        for chunk in chunks:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        assert finish == "length" and text.startswith("one, two, three")
+
+
+def test_api_seed_out_of_range_is_a_clear_400(tokenizer):
+    with ServerThread(create_app(ScriptedLM(tokenizer), tokenizer, model_names=["s"])) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="seed must fit in 64 bits"):
+            client.chat.completions.create(model="s", messages=[{"role": "user", "content": "Hi"}], seed=2**64)
