@@ -40,6 +40,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting or running; the server answers 429."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine was shut down (the server is stopping); the server answers 503."""
+
+
 class PromptTooLongError(ValueError):
     """The prompt does not fit the context window; the server answers 400."""
 
@@ -339,7 +343,7 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(random.getrandbits(63))
         with self._lock:
             if self._stopping:
-                raise RuntimeError("the engine is shut down")
+                raise EngineStoppedError("the server is shutting down; retry on another instance or later")
             if self._active >= self.max_queue:
                 raise QueueFullError(
                     f"the server is busy ({self._active} requests waiting or running); retry later"

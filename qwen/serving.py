@@ -34,7 +34,7 @@ from qwen_generation_utils import encode_plain, eod_id, make_continuation_contex
 from . import protocol as api
 from . import react
 from .chat_backend import ChatBackend, GenerationError
-from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams, TokenEvent
+from .engine import Engine, EngineStoppedError, PromptTooLongError, QueueFullError, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,8 @@ class OpenAIServer(ChatBackend):
                 handles.append(self.engine.submit(prompt_ids, p))
         except QueueFullError as exc:
             raise APIError(429, str(exc), code="rate_limit_exceeded") from exc
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc)) from exc
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
         except ValueError as exc:

@@ -109,3 +109,13 @@ def test_api_seed_out_of_range_is_a_clear_400(tokenizer):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="seed must fit in 64 bits"):
             client.chat.completions.create(model="s", messages=[{"role": "user", "content": "Hi"}], seed=2**64)
+
+
+def test_api_request_during_shutdown_is_a_clear_503(tokenizer):
+    app = create_app(ScriptedLM(tokenizer), tokenizer, model_names=["s"])
+    with ServerThread(app) as server:
+        app.state.server.engine.shutdown()  # what the lifespan does when the server stops
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="shutting down") as failure:
+            client.chat.completions.create(model="s", messages=[{"role": "user", "content": "Hi"}])
+        assert failure.value.status_code == 503
