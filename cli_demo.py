@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen.loading import CheckpointError, load_model_and_tokenizer
 from transformers.utils import logging as hf_logging
 
-from qwen.cli import DEFAULT_SYSTEM, ChatSession, Repl, UserInputError, apply_conf
+from qwen.cli import ChatSession, Repl, UserInputError, apply_conf
+from qwen.loading import CheckpointError, load_model_and_tokenizer
+from qwen_generation_utils import DEFAULT_SYSTEM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

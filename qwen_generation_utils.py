@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
+DEFAULT_SYSTEM = "You are a helpful assistant."  # the system prompt the chat models were trained with
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"

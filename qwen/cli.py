@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+from qwen_generation_utils import DEFAULT_SYSTEM
 
 
 class UserInputError(ValueError):

@@ -33,6 +33,16 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from qwen_generation_utils import (
+    DEFAULT_SYSTEM,
+    IncrementalDetokenizer,
+    StopWordsLogitsProcessor,
+    decode_tokens,
+    eod_id,
+    get_stop_words_ids,
+    make_context,
+)
+
 from .configuration_qwen import QWenConfig
 
 logger = logging.get_logger(__name__)
@@ -562,8 +572,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if stop_words_ids is None:
             stop_words_ids = getattr(config, "stop_words_ids", None)
         if stop_words_ids:
-            from qwen_generation_utils import StopWordsLogitsProcessor
-
             eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
             if isinstance(eos_token_id, list):
                 eos_token_id = eos_token_id[0]
@@ -573,8 +581,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
         """Shared by chat and chat_stream: the per-call generation config, prompt and stop ids."""
-        from qwen_generation_utils import eod_id, get_stop_words_ids, make_context
-
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         chat_format = getattr(generation_config, "chat_format", "chatml")
         if chat_format != "chatml":
@@ -601,7 +607,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         tokenizer,
         query: str,
         history: list[tuple[str, str]] | None = None,
-        system: str = "You are a helpful assistant.",
+        system: str = DEFAULT_SYSTEM,
         append_history: bool = True,
         stop_words_ids: list[list[int]] | None = None,
         generation_config: GenerationConfig | None = None,
@@ -609,8 +615,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     ) -> tuple[str, list[tuple[str, str]]]:
         """One chat turn: returns the response and a new history list (with (query, response) appended unless
         append_history=False, as the original's parameter of that name)."""
-        from qwen_generation_utils import decode_tokens
-
         generation_config, extra, history, raw_text, input_ids, stop_words_ids = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
@@ -639,15 +643,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         tokenizer,
         query: str,
         history: list[tuple[str, str]] | None = None,
-        system: str = "You are a helpful assistant.",
+        system: str = DEFAULT_SYSTEM,
         stop_words_ids: list[list[int]] | None = None,
         logits_processor: LogitsProcessorList | None = None,
         generation_config: GenerationConfig | None = None,
         **kwargs,
     ) -> Iterator[str]:
         """Yields the response so far (cumulative text) as tokens arrive; closing the generator stops generation."""
-        from qwen_generation_utils import IncrementalDetokenizer
-
         generation_config, extra, _, _, input_ids, stop_words_ids = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )

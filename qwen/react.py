@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from qwen_generation_utils import DEFAULT_SYSTEM
+
 TOOL_DESC = (
     "{name_for_model}: Call this tool to interact with the {name_for_human} API. "
     "What is the {name_for_human} API useful for? {description_for_model} Parameters: {parameters}"
@@ -40,7 +42,6 @@ Final Answer: the final answer to the original input question
 
 Begin!"""
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # An assistant turn that answered without calling a tool, as the model writes it in a tools conversation.
 FINAL_ANSWER_TURN = "Thought: I now know the final answer.\nFinal Answer: {content}"

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from qwen_generation_utils import DEFAULT_SYSTEM
+
 from .chat_backend import ChatBackend, GenerationError
-from .cli import DEFAULT_SYSTEM
 from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
