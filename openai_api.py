@@ -36,10 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_model_name(checkpoint: str | None) -> str:
-    """'Qwen-7B-Chat' for 'Qwen/Qwen-7B-Chat' or '/models/Qwen-7B-Chat/'; 'qwen-demo' for the demo model."""
-    if checkpoint is None:
-        return "qwen-demo"
-    return checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    """The checkpoint's name ('Qwen-7B-Chat' for 'Qwen/Qwen-7B-Chat'); 'qwen-demo' for the demo model."""
+    from qwen.loading import checkpoint_name
+
+    return "qwen-demo" if checkpoint is None else checkpoint_name(checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

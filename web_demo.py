@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from qwen.engine import Engine
-    from qwen.loading import CheckpointError, load_model_and_tokenizer
+    from qwen.engine import Engine, model_context_length
+    from qwen.loading import CheckpointError, checkpoint_name, load_model_and_tokenizer
     from qwen.webui import WebChat, build_demo
 
     hf_logging.set_verbosity_error()
@@ -61,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    config = model.config
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
-                    max_context=getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None))
-    title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else \
-        args.checkpoint_path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+                    max_context=model_context_length(model))
+    title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     chat = WebChat(model, tokenizer, engine, title=title)
     overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")
                  if getattr(args, key) is not None}

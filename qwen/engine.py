@@ -48,6 +48,12 @@ class PromptTooLongError(ValueError):
     """The prompt does not fit the context window; the server answers 400."""
 
 
+def model_context_length(model) -> int | None:
+    """The longest sequence `model` is configured for: max_position_embeddings, else QWen's seq_length."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 512

@@ -38,6 +38,11 @@ def download_hint(repo_id: str = "Qwen/Qwen-7B-Chat") -> str:
     )
 
 
+def checkpoint_name(checkpoint: str) -> str:
+    """'Qwen-7B-Chat' for the hub id 'Qwen/Qwen-7B-Chat' or the directory '/models/Qwen-7B-Chat/'."""
+    return checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+
+
 class CheckpointError(Exception):
     """A checkpoint (or a device / dtype choice) that cannot be loaded; the message says what to do."""
 

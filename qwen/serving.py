@@ -34,7 +34,15 @@ from qwen_generation_utils import encode_plain, eod_id, make_continuation_contex
 from . import protocol as api
 from . import react
 from .chat_backend import ChatBackend, GenerationError
-from .engine import Engine, EngineStoppedError, PromptTooLongError, QueueFullError, SamplingParams, TokenEvent
+from .engine import (
+    Engine,
+    EngineStoppedError,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    TokenEvent,
+    model_context_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -530,8 +538,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     if api_auth is not None and ":" not in api_auth:
         raise ValueError("api_auth must be 'user:password'")
     if max_context is None:
-        config = getattr(model, "config", None)
-        max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+        max_context = model_context_length(model)
     engine = engine or Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_context=max_context)
     server = OpenAIServer(model, tokenizer, engine, model_names)
 
