@@ -20,7 +20,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwen_generation_utils import encode_plain, eod_id, make_continuation_context
+from qwen_generation_utils import encode_plain, make_continuation_context
 
 from . import protocol as api
 from . import react
@@ -131,6 +131,17 @@ async def _cancel_on_disconnect(request: Request, handles) -> None:
             for handle in handles:
                 handle.cancel()
             return
+
+
+async def _answer_unless_disconnected(request: Request, handles, response: Awaitable[dict]) -> dict:
+    """Await a non-streamed response; the requests are cancelled if the client goes away, and always at the end."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
+    try:
+        return await response
+    finally:
+        watcher.cancel()
+        for handle in handles:
+            handle.cancel()
 
 
 class OpenAIServer(ChatBackend):
@@ -268,13 +279,8 @@ class OpenAIServer(ChatBackend):
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             chunks = self.chat_chunks(streams, request.model, len(plan.prompt_ids), include_usage, plan)
             return _event_stream(chunks, handles)
-        watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handles))
-        try:
-            return await self.chat_response(streams, request.model, len(plan.prompt_ids), plan)
-        finally:
-            watcher.cancel()
-            for handle in handles:
-                handle.cancel()
+        response = self.chat_response(streams, request.model, len(plan.prompt_ids), plan)
+        return await _answer_unless_disconnected(http_request, handles, response)
 
     async def chat_response(self, streams, model: str, prompt_tokens: int, plan: ChatPlan) -> dict:
         n = len(streams)
@@ -357,9 +363,9 @@ class OpenAIServer(ChatBackend):
         prompts = request.prompt_list()
         encoded = [self.encode_prompt(p, request.allow_special_tokens) for p in prompts]
         want_logprobs = request.logprobs is not None
-        stop_ids = sorted({eod_id(self.tokenizer), *self.stop_token_ids})
         params = [
-            self.request_sampling_params(request, request.max_tokens, j, stop_ids, want_logprobs, request.logprobs or 0)
+            self.request_sampling_params(request, request.max_tokens, j, self.stop_token_ids, want_logprobs,
+                                         request.logprobs or 0)
             for j in range(request.n)
         ]
         handles = []
@@ -379,13 +385,8 @@ class OpenAIServer(ChatBackend):
             chunks = self.completion_chunks(streams, echoes, request.model, prompt_tokens, include_usage,
                                             want_logprobs)
             return _event_stream(chunks, handles)
-        watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handles))
-        try:
-            return await self.completion_response(streams, echoes, request.model, prompt_tokens, want_logprobs)
-        finally:
-            watcher.cancel()
-            for handle in handles:
-                handle.cancel()
+        response = self.completion_response(streams, echoes, request.model, prompt_tokens, want_logprobs)
+        return await _answer_unless_disconnected(http_request, handles, response)
 
     def completion_logprobs(self, tokens: list[TokenEvent], offset: int) -> api.CompletionLogprobs:
         result = api.CompletionLogprobs()
