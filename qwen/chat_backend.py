@@ -88,6 +88,10 @@ class ChatBackend:
         value = getattr(self.generation_config, name, None)
         return fallback if value is None else value
 
+    def default_temperature(self) -> float:
+        """The checkpoint's temperature, or 0 (greedy) when its generation_config does not sample."""
+        return self.default("temperature", 1.0) if self.default("do_sample", True) else 0.0
+
     def _stop_tokens(self) -> tuple[tuple[int, ...], list[str]]:
         """Token ids that end every reply, and multi-token stop words (as text) that end chat replies."""
         ids = {eod_id(self.tokenizer)}
@@ -110,7 +114,7 @@ class ChatBackend:
                         top_logprobs: int = 0) -> SamplingParams:
         """Engine sampling parameters; what is None comes from the checkpoint. Bad values raise ValueError."""
         if temperature is None:
-            temperature = self.default("temperature", 1.0) if self.default("do_sample", True) else 0.0
+            temperature = self.default_temperature()
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.default("max_new_tokens", 512),
             temperature=0.0 if temperature < GREEDY_BELOW else temperature,

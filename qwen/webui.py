@@ -67,8 +67,7 @@ class WebChat:
     def checkpoint_defaults(self) -> Defaults:
         """The checkpoint's generation_config.json sampling settings (greedy when it does not sample)."""
         value = self.backend.default
-        temperature = value("temperature", 1.0) if value("do_sample", True) else 0.0
-        return Defaults(temperature=temperature, top_p=value("top_p", 1.0),
+        return Defaults(temperature=self.backend.default_temperature(), top_p=value("top_p", 1.0),
                         max_new_tokens=value("max_new_tokens", 512))
 
     def sampling_params(self, temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
