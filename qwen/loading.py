@@ -181,16 +181,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[str(dtype).lower()]
 
 
-def load_generation_config(path: Path):
-    """generation_config.json with every key kept (chat_format, max_window_size, stop_words_ids ...)."""
-    from transformers import GenerationConfig
-
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return None
-    return GenerationConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
-
-
 def _demo_path() -> Path:
     from .demo import DEMO_LICENSE, DEMO_NAME, demo_checkpoint
 
@@ -216,8 +206,9 @@ def load_model_and_tokenizer(
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
 
     The model is in eval mode, on `device` ("auto": all GPUs via accelerate, else the CPU), in `dtype`
-    ("auto": bf16/fp16 on a GPU, fp32 on the CPU), with generation_config.json read into
-    model.generation_config. `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`.
+    ("auto": bf16/fp16 on a GPU, fp32 on the CPU); from_pretrained reads generation_config.json into
+    model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
+    `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,9 +231,6 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
-    generation_config = load_generation_config(path)
-    if generation_config is not None:
-        model.generation_config = generation_config
     return model.eval(), tokenizer
 
 
