@@ -9,7 +9,7 @@ Why not transformers' continuous batching (`generate_batch` / `ContinuousBatchin
 sequences into one row with paged attention and a 4D mask, while QWen derives position_ids and its per-sample
 dynamic NTK / logN scaling from each row's 2D attention mask; a padded batch on a DynamicCache feeds that
 faithfully, and works unchanged for any causal LM taking (input_ids, attention_mask, position_ids,
-past_key_values, use_cache).
+cache, use_cache); `qwen.compat` names the cache argument as the installed transformers does.
 
 Batch layout: row r of the cache holds [padding..., prompt_r, generated_r], right-aligned, so every row's next
 token lands in the same column. attention_mask marks padding with 0; position_ids = cumsum(mask) - 1.
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from .compat import cache_kwargs
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
@@ -485,8 +487,8 @@ class Engine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(cache),
             **kwargs,
         )
         return out.logits[:, -1].float()

@@ -43,6 +43,7 @@ from qwen_generation_utils import (
     make_context,
 )
 
+from .compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
 from .configuration_qwen import QWenConfig
 
 logger = logging.get_logger(__name__)
@@ -183,7 +184,7 @@ class QWenAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         query_scale: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,8 +197,8 @@ class QWenAttention(nn.Module):
         if query_scale is not None:  # logN scaling, [B, 1, T, 1]
             query = query * query_scale.type_as(query)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -241,7 +242,7 @@ class QWenBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         query_scale: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -249,7 +250,7 @@ class QWenBlock(GradientCheckpointingLayer):
             self.ln_1(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             query_scale=query_scale,
             **kwargs,
         )
@@ -301,7 +302,7 @@ class QWenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -380,6 +381,7 @@ class QWenModel(QWenPreTrainedModel):
                 keys = layer.keys[row : row + 1, :, :past]
                 keys.copy_(apply_rotary_pos_emb(keys, cos[None], sin[None]))
 
+    @accepts_legacy_cache_name
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -387,7 +389,7 @@ class QWenModel(QWenPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -397,9 +399,9 @@ class QWenModel(QWenPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
@@ -417,8 +419,8 @@ class QWenModel(QWenPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **cache_kwargs(cache),
             )
 
         # Long context (inference only, as the original): per-row NTK alpha and logN query scaling.
@@ -432,7 +434,7 @@ class QWenModel(QWenPreTrainedModel):
                 if past_length > 0:  # cached keys carry the alpha of the length they were computed at
                     past_lengths = position_ids[:, 0].tolist()
                     old = [dynamic_ntk_alpha(max(n, 1), seq_length) for n in past_lengths]
-                    self._rerotate_cache(past_key_values, position_ids, old, ntk_alphas)
+                    self._rerotate_cache(cache, position_ids, old, ntk_alphas)
                 if all(alpha == 1 for alpha in ntk_alphas):
                     ntk_alphas = None
             if self.config.use_logn_attn:
@@ -445,14 +447,12 @@ class QWenModel(QWenPreTrainedModel):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 query_scale=query_scale,
                 **kwargs,
             )
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(cache if use_cache else None))
 
 
 class _StopFlag(StoppingCriteria):
@@ -497,13 +497,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
+    @accepts_legacy_cache_name
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -514,7 +515,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -528,7 +529,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -549,18 +550,17 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         seq_length = self.config.seq_length
         return dynamic_ntk_alpha(cached_length, seq_length) != dynamic_ntk_alpha(total_length, seq_length)
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
-                                      attention_mask=None, **kwargs):
-        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, attention_mask=None, **kwargs):
+        cache = kwargs.get(CACHE_ARG)  # generate() passes the cache under its release's name
+        cached = cache.get_seq_length() if cache is not None else 0
         if cached and next_sequence_length is not None:
             totals = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]]
             new = input_ids.shape[1] - cached
             if any(self.needs_cache_recompute(total - new, total) for total in totals):
-                past_key_values.crop(-cached)
+                cache.crop(-cached)
                 next_sequence_length = None  # the whole sequence, under the new alpha
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
-            attention_mask=attention_mask, **kwargs,
+            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask, **kwargs
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
+from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale
 from qwen.weights import llama_to_qwen, qwen_to_qwen2
@@ -139,8 +140,8 @@ def test_parity_with_qwen2_incremental_decoding():
         ours = model(ids[:, :10], use_cache=True)
         theirs = twin(ids[:, :10], use_cache=True)
         for t in range(10, 24):
-            ours = model(ids[:, t : t + 1], past_key_values=ours.past_key_values, use_cache=True)
-            theirs = twin(ids[:, t : t + 1], past_key_values=theirs.past_key_values, use_cache=True)
+            ours = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(output_cache(ours)))
+            theirs = twin(ids[:, t : t + 1], use_cache=True, **cache_kwargs(output_cache(theirs)))
             assert (ours.logits - theirs.logits).abs().max() <= 1e-4
         full = model(ids).logits[:, -1]
     assert (ours.logits[:, -1] - full).abs().max() <= 1e-4
@@ -196,7 +197,7 @@ def test_chunked_prefill_on_top_of_a_cache_is_causal():
     ids = torch.randint(0, VOCAB, (1, 30))
     with torch.no_grad():
         first = model(ids[:, :12], use_cache=True)
-        second = model(ids[:, 12:], past_key_values=first.past_key_values, use_cache=True)
+        second = model(ids[:, 12:], use_cache=True, **cache_kwargs(output_cache(first)))
         full = model(ids).logits
     assert (second.logits - full[:, 12:]).abs().max() <= 1e-4
 
@@ -250,7 +251,7 @@ def _last_logits_with_and_without_cache(model, ids, mask, prefill):
         out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
         for t in range(prefill, ids.shape[1]):
             out = model(
-                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values, use_cache=True
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **cache_kwargs(output_cache(out))
             )
     return out.logits[:, -1], full
 

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qwen import protocol as api
 from qwen.chat_backend import StopStrings
+from qwen.compat import CACHE_ARG, cache_kwargs
 from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
@@ -90,7 +91,8 @@ class ScriptedLM(torch.nn.Module):
             self.prompts.append(prompt)
         return self._targets[key]
 
-    def forward(self, input_ids, attention_mask, past_key_values, **kwargs):
+    def forward(self, input_ids, attention_mask, **kwargs):
+        past_key_values = kwargs[CACHE_ARG]
         if self.delay:
             time.sleep(self.delay)
         width = input_ids.shape[1]
@@ -102,7 +104,7 @@ class ScriptedLM(torch.nn.Module):
             prompt, generated = ids[(ids >= 0) & prompt_flags].tolist(), ids[(ids >= 0) & ~prompt_flags].tolist()
             target = self.target(prompt)
             logits[row, -1, target[min(len(generated), len(target) - 1)]] = 0
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past_key_values))
 
 
 def free_port() -> int:
