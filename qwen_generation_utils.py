@@ -12,6 +12,9 @@ import torch
 from transformers import LogitsProcessor
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the system prompt the chat models were trained with
+# The chat models' generation_config.json defaults (Qwen-7B-Chat), used where a checkpoint does not set them.
+DEFAULT_MAX_WINDOW_SIZE = 6144  # prompt tokens kept of a conversation (older turns dropped first)
+DEFAULT_MAX_NEW_TOKENS = 512
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -93,7 +96,7 @@ def make_context(
     query: str,
     history: History | None = None,
     system: str = "",
-    max_window_size: int = 6144,
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:
     """Build the prompt for `query` after `history` [(query, response), ...]: returns (raw_text, context_tokens).
@@ -281,7 +284,7 @@ class IncrementalDetokenizer:
 
 
 def make_continuation_context(
-    tokenizer, history: History, system: str = "", max_window_size: int = 6144
+    tokenizer, history: History, system: str = "", max_window_size: int = DEFAULT_MAX_WINDOW_SIZE
 ) -> tuple[str, list[int]]:
     """ChatML prompt that continues the last assistant reply of `history` (its <|im_end|> left off).
 
