@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel
 
@@ -138,10 +139,10 @@ def _decode_errors(model, config, ids, prompt, check):
     """Prefill `prompt` tokens, then decode one token at a time; max |ours - reference| at the checked lengths."""
     errors = {}
     with torch.no_grad():
-        cache = model(torch.tensor([ids[:prompt]]), use_cache=True).past_key_values
+        cache = output_cache(model(torch.tensor([ids[:prompt]]), use_cache=True))
         for end in range(prompt + 1, len(ids) + 1):
-            out = model(torch.tensor([ids[end - 1 : end]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(torch.tensor([ids[end - 1 : end]]), use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(out)
             if end in check:
                 expected = reference_logits(config, model.state_dict(), ids[:end])[-1]
                 errors[end] = (out.logits[0, -1] - expected).abs().max().item()
