@@ -9,15 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwen.scripts import (
+    add_checkpoint_args,
+    check_port_free,
+    exit_on_user_error,
+    load_checkpoint,
+    port,
+    quiet_libraries,
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
-    parser.add_argument("-c", "--checkpoint-path", default=None,
-                        help="hub id or checkpoint directory (default: the offline demo model)")
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    add_checkpoint_args(parser)
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
@@ -32,7 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     checks = [
         (args.auth is None or (":" in args.auth and args.auth.split(":", 1)[0]), "--auth must be USER:PASSWORD"),
-        (0 <= args.server_port <= 65535, "--server-port must be in 0..65535"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
@@ -49,18 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from dataclasses import replace
 
-    from transformers.utils import logging as hf_logging
-
     from qwen.engine import Engine, model_context_length
-    from qwen.loading import CheckpointError, checkpoint_name, load_model_and_tokenizer
+    from qwen.loading import checkpoint_name
     from qwen.webui import WebChat, build_demo
 
-    hf_logging.set_verbosity_error()
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
-    except CheckpointError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    quiet_libraries()
+    with exit_on_user_error():
+        check_port_free(args.server_name, args.server_port)
+        model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
                     max_context=model_context_length(model))
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
