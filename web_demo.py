@@ -53,13 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()  # before the libraries are imported: some log while importing
     from dataclasses import replace
 
     from qwen.engine import Engine, model_context_length
     from qwen.loading import checkpoint_name
     from qwen.webui import WebChat, build_demo
 
-    quiet_libraries()
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
         model, tokenizer = load_checkpoint(args)
