@@ -72,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.defaults = replace(chat.defaults, **overrides)
     demo = build_demo(chat, concurrency=args.concurrency)
     engine.start()
+    # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
+    host = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
+    print(f"Chat page on http://{host}:{args.server_port}"
+          + ("" if args.share else "  (add --share for a public gradio.live link)"), flush=True)
     try:
         demo.queue(max_size=max(64, args.concurrency)).launch(
             server_name=args.server_name, server_port=args.server_port, share=args.share,
             inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-            ssr_mode=False, show_error=True,
+            ssr_mode=False, show_error=True, quiet=True,
         )
     except OSError as exc:  # e.g. the port is taken
         print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "
