@@ -29,15 +29,16 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
 
 from .compat import cache_kwargs
+from .slot_cache import SlotCache
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+# Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
+# tokens, and the running requests get their next token between two chunks.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class QueueFullError(RuntimeError):
@@ -195,6 +196,9 @@ class _Sequence:
     max_new_tokens: int
     generator: torch.Generator
     generated: list[int] = field(default_factory=list)
+    slot: int = -1  # the row of the engine's SlotCache this request owns while running
+    cached: int = 0  # how many of prompt + generated the cache holds; the rest is fed at the next steps
+    chunk: int = 0  # how many tokens the current prefill step feeds
     counts: torch.Tensor | None = None  # per-token counts of generated tokens, for penalties
     prompt_seen: torch.Tensor | None = None  # bool mask of prompt tokens, for repetition_penalty
 
@@ -202,54 +206,19 @@ class _Sequence:
     def params(self) -> SamplingParams:
         return self.handle.params
 
+    @property
+    def total(self) -> int:
+        return len(self.prompt) + len(self.generated)
 
-# ---- cache helpers: DynamicCache rows are [batch, heads, seq, head_dim] tensors in cache.layers[i] ----
+    @property
+    def pending(self) -> int:
+        """Tokens not in the cache yet: 1 while decoding, more while (re)prefilling."""
+        return self.total - self.cached
 
-
-def _check_cache(cache: DynamicCache) -> None:
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(
-                f"the engine batches plain DynamicLayer caches only, the model produced {type(layer).__name__}"
-            )
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    if width == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = width
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _cache_map(cache: DynamicCache, fn) -> None:
-    for layer in cache.layers:
-        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
-
-
-def _cache_merge(a: DynamicCache, a_mask: torch.Tensor, b: DynamicCache, b_mask: torch.Tensor):
-    """Stack b's rows under a's, left-padding the shorter one along the sequence."""
-    width = max(a_mask.shape[1], b_mask.shape[1])
-    pad_a, pad_b = width - a_mask.shape[1], width - b_mask.shape[1]
-
-    def stack(ta, tb):
-        return torch.cat([_left_pad(ta, pad_a, 2), _left_pad(tb, pad_b, 2)])
-
-    merged = [
-        (stack(la.keys, lb.keys), stack(la.values, lb.values))
-        for la, lb in zip(a.layers, b.layers, strict=True)
-    ]
-    for layer, (keys, values) in zip(a.layers, merged, strict=True):  # assigned only once all succeeded
-        layer.keys, layer.values = keys, values
-    return a, torch.cat([_left_pad(a_mask, pad_a, 1), _left_pad(b_mask, pad_b, 1)])
-
-
-def _cache_select(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor):
-    """Keep `rows`, then drop leading columns that are padding in every kept row."""
-    mask = mask.index_select(0, rows)
-    start = int(mask.any(0).int().argmax())
-    _cache_map(cache, lambda t: t.index_select(0, rows)[:, :, start:])
-    return cache, mask[:, start:]
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """(prompt + generated)[start:stop], without building the whole list."""
+        n = len(self.prompt)
+        return self.prompt[start:stop] + self.generated[max(0, start - n) : max(0, stop - n)]
 
 
 # ---- sampling ----
@@ -292,12 +261,17 @@ class Engine:
     """
 
     def __init__(
-        self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None
+        self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.prefill_chunk = prefill_chunk
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_batch_size, self.max_queue, self.max_context = max_batch_size, max_queue, max_context
         # only the last position's logits are needed; models that support it skip the rest of the lm_head
@@ -312,10 +286,10 @@ class Engine:
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # the running batch, owned by whoever runs step()
+        # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
+        self._slots: list[_Sequence | None] = [None] * max_batch_size
+        self._cache = SlotCache(max_batch_size, max_columns=max_context)
 
     # ---- caller side (any thread) ----
 
@@ -429,23 +403,28 @@ class Engine:
     def _step(self) -> None:
         self._keep([s for s in self._rows if not self._finish_if_cancelled(s)])
         # rows whose cache the model says is stale (QWen's dynamic NTK alpha changed) are prefilled again
-        stale = [s for s in self._rows if self._needs_recompute(s)]
-        if stale:
-            self._keep([s for s in self._rows if s not in stale])
+        for seq in self._rows:
+            if seq.cached and self._needs_recompute(seq):
+                seq.cached = 0
         with self._lock:
-            free = self.max_batch_size - len(self._rows) - len(stale)
-            admitted = stale + [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        if admitted:
+            free = self.max_batch_size - len(self._rows)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for seq in admitted:
+            seq.slot = self._slots.index(None)
+            self._slots[seq.slot] = seq
+        self._rows = self._rows + admitted
+        decoding = [s for s in self._rows if s.pending == 1]
+        if decoding:
             try:
-                self._prefill(admitted)
+                self._decode(decoding)
+            except Exception as exc:  # fail what took part; the slots of the others hold what they held
+                self._fail(decoding, exc)
+        prefilling = self._schedule_prefill()
+        if prefilling:
+            try:
+                self._prefill(prefilling)
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
-                self._fail(admitted, exc)
-        if self._rows:
-            try:
-                self._decode(self._rows)
-            except Exception as exc:  # the batch cache may be half-updated: fail every running request
-                self._fail(self._rows, exc)
-                self._reset_batch()
+                self._fail(prefilling, exc)
 
     def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
         for seq in seqs:
@@ -457,40 +436,87 @@ class Engine:
         """Whether the model wants this row's cache rebuilt before its next token (see needs_cache_recompute)."""
         if self._recompute_check is None:
             return False
-        total = len(seq.prompt) + len(seq.generated)
-        return self._recompute_check(total - 1, total)  # the newest token is not in the cache yet
+        return self._recompute_check(seq.cached, seq.total)
+
+    def _schedule_prefill(self) -> list[_Sequence]:
+        """The rows that feed prompt tokens this step, first admitted first, with `chunk` set: at most
+        prefill_chunk tokens in all, counting the padding of shorter chunks to the longest."""
+        picked, width = [], 0
+        for seq in self._rows:
+            if seq.pending < 2:
+                continue
+            chunk = min(seq.pending, width or self.prefill_chunk)
+            if chunk < seq.pending and seq.cached == 0 and self._chunk_changes_rope(chunk, seq.total):
+                chunk = seq.pending  # whole: a chunk under another NTK alpha would be stale (see _prefill)
+            if picked and (chunk > width or (len(picked) + 1) * width > self.prefill_chunk):
+                break
+            seq.chunk, width = chunk, max(width, chunk)
+            picked.append(seq)
+        return picked
+
+    def _chunk_changes_rope(self, cached: int, total: int) -> bool:
+        return self._recompute_check is not None and self._recompute_check(cached, total)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Compute the cache of `seqs` (new requests, or rows to recompute: prompt + generated so far)."""
-        tokens = [s.prompt + s.generated for s in seqs]
-        width = max(len(t) for t in tokens)
-        input_ids = torch.tensor([[0] * (width - len(t)) + t for t in tokens], device=self.device)
-        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tokens], device=self.device)
-        cache = DynamicCache()
-        logits = self._forward(input_ids, mask, cache, **self._prefill_kwargs)
-        _check_cache(cache)
-        if self._rows:
-            self._cache, self._mask = _cache_merge(self._cache, self._mask, cache, mask)
-        else:
-            self._cache, self._mask = cache, mask
-        self._rows = self._rows + seqs
-        self._emit_tokens(seqs, logits)
+        """Feed the next `chunk` tokens of each of `seqs` (new requests, or rows to recompute: prompt + generated so
+        far); those whose tokens are then all in the cache get their next token.
+
+        Each row's chunk is right-aligned in the step's [n, T] input, so the last position is every row's last
+        token (the only logits computed). The padding in front of a shorter chunk is written to the columns just
+        after that row's chunk (overwritten later, never seen by a real token) at the row's first new position.
+        Under dynamic NTK a chunked prompt is rotated with the alpha of its final length only if its first chunk
+        already has that alpha; otherwise the prompt is fed whole (_schedule_prefill).
+        """
+        width = max(s.chunk for s in seqs)
+        input_ids, columns, positions, visible = [], [], [], []
+        for seq in seqs:
+            start, chunk, pad = seq.cached, seq.chunk, width - seq.chunk
+            input_ids.append([0] * pad + seq.tokens(start, start + chunk))
+            columns.append([start + chunk + i for i in range(pad)] + [start + i for i in range(chunk)])
+            positions.append([start] * pad + [start + i for i in range(chunk)])
+            visible.append(columns[-1])
+        logits = self._forward([s.slot for s in seqs], input_ids, columns, positions, visible, **self._prefill_kwargs)
+        done = []
+        for seq in seqs:
+            seq.cached += seq.chunk
+            done.append(seq.pending == 0)
+        if any(done):
+            rows = [i for i, d in enumerate(done) if d]
+            self._emit_tokens([seqs[i] for i in rows], logits[rows])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        input_ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
-        mask = F.pad(self._mask, (0, 1), value=1)
-        logits = self._forward(input_ids, mask, self._cache)
-        self._mask = mask
-        self._emit_tokens(seqs, logits)
+        """Feed one token to each of `seqs`, in one forward over the slots 0 .. highest busy slot (a view of the
+        cache, no copy); the other slots in that range take a dummy token that only writes where nothing is kept."""
+        feeding = {s.slot: s for s in seqs}
+        rows = list(range(max(s.slot for s in self._rows) + 1))
+        input_ids, columns, positions = [], [], []
+        for slot in rows:
+            seq = feeding.get(slot)
+            if seq is not None:
+                input_ids.append(seq.tokens(seq.cached, seq.cached + 1))
+                columns.append([seq.cached])
+                positions.append([seq.cached])
+            else:  # a free slot, or a row being prefilled: its next chunk overwrites this column
+                busy = self._slots[slot]
+                input_ids.append([0])
+                columns.append([busy.cached if busy is not None else 0])
+                positions.append([0])
+        logits = self._forward(rows, input_ids, columns, positions, columns)
+        for seq in seqs:
+            seq.cached += 1
+        self._emit_tokens(seqs, logits[[s.slot for s in seqs]])
 
-    def _forward(self, input_ids, mask, cache, **kwargs) -> torch.Tensor:
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+    def _forward(self, rows, input_ids, columns, positions, visible, **kwargs) -> torch.Tensor:
+        """One forward over cache slots `rows`: input_ids/columns/positions/visible are [n, T] Python lists
+        (token, cache column it is written to, its position, last column it may attend to). Last logits [n, V]."""
+        plan = self._cache.plan(rows, columns, self.device)
+        mask = self._cache.attention_mask(plan, visible, self.dtype, self.device)
         out = self.model(
-            input_ids=input_ids,
+            input_ids=torch.tensor(input_ids, device=self.device),
             attention_mask=mask,
-            position_ids=position_ids,
+            position_ids=torch.tensor(positions, device=self.device),
             use_cache=True,
-            **cache_kwargs(cache),
+            **cache_kwargs(self._cache),
             **kwargs,
         )
         return out.logits[:, -1].float()
@@ -541,16 +567,16 @@ class Engine:
         seq.handle._emit(FinishEvent(reason, len(seq.prompt), len(seq.generated), error))
 
     def _keep(self, rows: list[_Sequence]) -> None:
-        """Shrink the running batch to `rows` (a subsequence of the current rows)."""
+        """Shrink the running batch to `rows` (a subsequence of the current rows); the others' slots are free."""
         if len(rows) == len(self._rows):
             return
-        if not rows:
-            self._reset_batch()
-            return
-        index = {id(s): i for i, s in enumerate(self._rows)}
-        keep = torch.tensor([index[id(s)] for s in rows], device=self.device)
-        self._cache, self._mask = _cache_select(self._cache, self._mask, keep)
+        kept = {id(s) for s in rows}
+        for seq in self._rows:
+            if id(seq) not in kept:
+                self._slots[seq.slot] = None
         self._rows = rows
+        if not rows:
+            self._cache.release()  # idle: give the memory back
 
     def _cancel_rows(self) -> None:
         for seq in self._rows:
@@ -559,7 +585,8 @@ class Engine:
         self._reset_batch()
 
     def _reset_batch(self) -> None:
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._slots = [], [None] * self.max_batch_size
+        self._cache.release()
 
 
 __all__ = [

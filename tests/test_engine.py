@@ -89,8 +89,8 @@ def run_staggered(engine, prompts, params, collect=True):
     while engine.num_running or engine.num_waiting:
         engine.step()
         peak = max(peak, engine.num_running)
-        if engine._mask is not None:  # leading columns that are padding for every row get trimmed
-            assert engine._mask[:, 0].any()
+        slots = [s.slot for s in engine._rows]  # each running request keeps its own slot of the cache
+        assert len(set(slots)) == len(slots) and all(engine._slots[i] is s for i, s in zip(slots, engine._rows))
     return ([h.result() for h in handles] if collect else handles), peak
 
 
