@@ -12,17 +12,20 @@ import sys
 
 from qwen.scripts import (
     add_checkpoint_args,
+    add_threads_arg,
     check_port_free,
     exit_on_user_error,
     load_checkpoint,
     port,
     quiet_libraries,
+    set_threads,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for Qwen chat models")
     add_checkpoint_args(parser)
+    add_threads_arg(parser)
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP Basic auth")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
     parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
+        set_threads(args.threads)
         model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,

@@ -11,17 +11,20 @@ import sys
 
 from qwen.scripts import (
     add_checkpoint_args,
+    add_threads_arg,
     check_port_free,
     exit_on_user_error,
     load_checkpoint,
     port,
     quiet_libraries,
+    set_threads,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
     add_checkpoint_args(parser)
+    add_threads_arg(parser)
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
     parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
+        set_threads(args.threads)
         model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
                     max_context=model_context_length(model))

@@ -31,6 +31,35 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool =
                         help="cpu, cuda, cuda:N, mps, or auto (default: every GPU when there is one, else cpu)")
 
 
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """--threads: the CPU threads torch computes with (see set_threads)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model's math (default: one per core, less one for the server "
+                             "itself on machines with more than 2 cores)")
+
+
+def set_threads(threads: int | None) -> int:
+    """Give torch `threads` compute threads (None: the default above); returns the number used.
+
+    The OpenMP wait policy cannot change once torch is loaded: entry scripts set OMP_WAIT_POLICY=PASSIVE in the
+    environment before importing torch (idle compute threads then sleep instead of spinning on cores the server's
+    own threads and other programs need). Set it yourself when importing qwen from your own program.
+    """
+    import os
+
+    import torch
+
+    from .errors import UsageError
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads is None:
+        threads = cores - 1 if cores > 2 else cores
+    elif threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_checkpoint(args: argparse.Namespace, **kwargs):
     """(model, tokenizer) for the flags add_checkpoint_args() added; raises CheckpointError for a bad one."""
     from .loading import load_model_and_tokenizer
@@ -94,4 +123,4 @@ def exit_on_user_error():
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["add_checkpoint_args", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
+__all__ = ["add_checkpoint_args", "add_threads_arg", "check_port_free", "set_threads", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]

@@ -1,0 +1,89 @@
+"""Eight requests joining, leaving and being cancelled at different steps, with prompts fed in chunks, each get
+exactly what they get when run alone: greedy ids and log-probabilities."""
+
+import pytest
+import torch
+from test_engine import _build
+
+from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+
+# (step it is submitted at, prompt, max_new_tokens); the tiny QWen's seq_length is 8, so prompts above 8 tokens
+# start under dynamic NTK, and rows growing past 8 or 16 tokens cross an NTK boundary in the batch
+REQUESTS = [
+    (0, list(range(20, 27)), 12),  # 7 tokens: two chunks of 4 + 3, then crosses 8 and 16 while decoding
+    (0, [3, 4], 9),
+    (1, list(range(100, 112)), 6),  # 12 tokens: above seq_length, prefilled whole (a chunk would change alpha)
+    (2, [7], 10),
+    (2, [42, 43, 44, 45, 46], 8),
+    (4, list(range(60, 70)), 5),
+    (5, [9, 8, 7, 6], 11),
+    (7, list(range(200, 206)), 7),
+]
+CANCEL = {3: 6, 5: 5}  # request index -> step at which it is cancelled (one decoding, one just admitted)
+CHUNK = 4  # prompt tokens per step, all prefilling rows together
+
+
+def params(n):
+    return SamplingParams(max_new_tokens=n, temperature=0, logprobs=True)
+
+
+def alone(model, prompt, n):
+    engine = Engine(model, max_batch_size=1)
+    handle = engine.submit(prompt, params(n))
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    return [e for e in handle if isinstance(e, TokenEvent)]
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama"])
+def test_staggered_joins_and_cancels_match_each_request_alone(name):
+    model = _build(name)
+    engine = Engine(model, max_batch_size=6, prefill_chunk=CHUNK)
+    handles, events, step, chunked = {}, {i: [] for i in range(len(REQUESTS))}, 0, set()
+    while step < 8 or engine.num_running or engine.num_waiting:
+        for i, (at, prompt, n) in enumerate(REQUESTS):
+            if at == step:
+                handles[i] = engine.submit(prompt, params(n))
+        for i, at in CANCEL.items():
+            if at == step:
+                handles[i].cancel()
+        engine.step()
+        chunked |= {id(s.handle) for s in engine._rows if 0 < s.cached < len(s.prompt)}
+        for i, handle in handles.items():
+            events[i] += list(handle._events)
+            handle._events.clear()
+        step += 1
+    assert id(handles[0]) in chunked
+    # under dynamic NTK a prompt whose first chunk would have another alpha is prefilled whole
+    assert (id(handles[2]) in chunked) == (name != "qwen")
+    for i, (_, prompt, n) in enumerate(REQUESTS):
+        expected = alone(model, prompt, n)
+        tokens = [e for e in events[i] if isinstance(e, TokenEvent)]
+        final = events[i][-1]
+        assert isinstance(final, FinishEvent)
+        if i in CANCEL:
+            assert final.reason == "cancelled" and len(tokens) < n
+            expected = expected[: len(tokens)]
+        else:
+            assert (final.reason, final.completion_tokens) == ("length", n)
+        assert [e.token_id for e in tokens] == [e.token_id for e in expected], f"request {i}"
+        assert [e.logprob for e in tokens] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+
+
+def test_a_long_prompt_does_not_stall_running_requests():
+    model = _build("llama")
+    engine = Engine(model, max_batch_size=2, prefill_chunk=4)
+    running = engine.submit([5, 6, 7], params(30))
+    engine.step()
+    engine.step()
+    long = engine.submit(list(range(1, 41)), params(2))  # 40 tokens: ten steps of 4
+    got = len([e for e in running._events if isinstance(e, TokenEvent)])
+    for _ in range(5):
+        engine.step()
+    assert len([e for e in running._events if isinstance(e, TokenEvent)]) == got + 5  # one token every step
+    assert not long._events  # still being prefilled
+    while engine.num_running:
+        engine.step()
+    with torch.inference_mode():
+        first = int(model(torch.tensor([list(range(1, 41))])).logits[0, -1].argmax())
+    assert [e.token_id for e in long if isinstance(e, TokenEvent)][0] == first
