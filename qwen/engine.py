@@ -33,7 +33,7 @@ import torch
 from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
 
 from .compat import cache_kwargs
-from .slot_cache import SlotCache
+from .slot_cache import SlotCache, store_for
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
@@ -289,7 +289,8 @@ class Engine:
         # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
         self._slots: list[_Sequence | None] = [None] * max_batch_size
-        self._cache = SlotCache(max_batch_size, max_columns=max_context)
+        store = store_for(getattr(model, "config", None))  # int8 when the config asks for a quantized cache
+        self._cache = SlotCache(max_batch_size, store=store, max_columns=max_context)
 
     # ---- caller side (any thread) ----
 

@@ -42,6 +42,35 @@ class PlainStore:
         return stored[0], stored[1]
 
 
+class Int8Store:
+    """The int8 KV cache (`use_cache_quantization`): per layer, for keys and for values, uint8 data [slots, heads,
+    columns, head_dim] plus per-token fp32 scale and zero [slots, 1, columns, 1] (qwen.kv_cache's scheme; its
+    quantize/dequantize are the one implementation). Attention reads the planned rows dequantized."""
+
+    def allocate(self, key: torch.Tensor, value: torch.Tensor, slots: int, columns: int) -> list[torch.Tensor]:
+        stored = []
+        for x in (key, value):
+            data = torch.zeros(slots, x.shape[1], columns, x.shape[3], dtype=torch.uint8, device=x.device)
+            scale_or_zero = torch.zeros(slots, 1, columns, 1, dtype=torch.float32, device=x.device)
+            stored += [data, scale_or_zero, scale_or_zero.clone()]  # zeros dequantize to zeros: finite
+        return stored
+
+    def encode(self, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+        from .kv_cache import quantize_per_token
+
+        return [*quantize_per_token(key), *quantize_per_token(value)]
+
+    def decode(self, stored: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        from .kv_cache import dequantize_per_token
+
+        return dequantize_per_token(*stored[:3], dtype), dequantize_per_token(*stored[3:], dtype)
+
+
+def store_for(config) -> PlainStore | Int8Store:
+    """How a model's cache is stored: int8 when its config says use_cache_quantization, else as computed."""
+    return Int8Store() if getattr(config, "use_cache_quantization", False) else PlainStore()
+
+
 class SlotLayer(CacheLayerMixin):
     """One attention layer's slots. `update` writes the new tokens where the cache's plan says and returns the
     keys/values of the planned rows, `width` columns wide."""
@@ -172,4 +201,4 @@ class SlotCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["PlainStore", "SlotCache", "SlotLayer"]
+__all__ = ["Int8Store", "PlainStore", "SlotCache", "SlotLayer", "store_for"]

@@ -87,3 +87,21 @@ def test_a_long_prompt_does_not_stall_running_requests():
     with torch.inference_mode():
         first = int(model(torch.tensor([list(range(1, 41))])).logits[0, -1].argmax())
     assert [e.token_id for e in long if isinstance(e, TokenEvent)][0] == first
+
+
+def test_int8_cache_rows_match_each_request_alone():
+    pytest.importorskip("qwen.kv_cache")  # the int8 scheme (use_cache_quantization) lives there
+    torch.manual_seed(0)
+    model = _build("qwen")
+    model.config.use_cache_quantization = True
+    engine = Engine(model, max_batch_size=4, prefill_chunk=CHUNK)
+    handles = [engine.submit(prompt, params(n)) for _, prompt, n in REQUESTS[:4]]
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+        stored = engine._cache.layers[0].tensors if engine._cache.layers else None
+        assert stored is None or stored[0].dtype == torch.uint8
+    for handle, (_, prompt, n) in zip(handles, REQUESTS, strict=False):
+        tokens = [e for e in handle if isinstance(e, TokenEvent)]
+        expected = alone(model, prompt, n)
+        assert [e.token_id for e in tokens] == [e.token_id for e in expected]
+        assert [e.logprob for e in tokens] == pytest.approx([e.logprob for e in expected], abs=1e-4)
