@@ -215,6 +215,11 @@ class _Sequence:
         """Tokens not in the cache yet: 1 while decoding, more while (re)prefilling."""
         return self.total - self.cached
 
+    @property
+    def decoding(self) -> bool:
+        """The prompt is in the cache and one sampled token waits to be fed (else: the prompt is being fed)."""
+        return self.pending == 1 and self.cached >= len(self.prompt)
+
     def tokens(self, start: int, stop: int) -> list[int]:
         """(prompt + generated)[start:stop], without building the whole list."""
         n = len(self.prompt)
@@ -414,7 +419,7 @@ class Engine:
             seq.slot = self._slots.index(None)
             self._slots[seq.slot] = seq
         self._rows = self._rows + admitted
-        decoding = [s for s in self._rows if s.pending == 1]
+        decoding = [s for s in self._rows if s.decoding]
         if decoding:
             try:
                 self._decode(decoding)
@@ -444,12 +449,12 @@ class Engine:
         prefill_chunk tokens in all, counting the padding of shorter chunks to the longest."""
         picked, width = [], 0
         for seq in self._rows:
-            if seq.pending < 2:
+            if seq.decoding:
                 continue
-            chunk = min(seq.pending, width or self.prefill_chunk)
+            chunk = min(seq.pending, self.prefill_chunk)
             if chunk < seq.pending and seq.cached == 0 and self._chunk_changes_rope(chunk, seq.total):
                 chunk = seq.pending  # whole: a chunk under another NTK alpha would be stale (see _prefill)
-            if picked and (chunk > width or (len(picked) + 1) * width > self.prefill_chunk):
+            if picked and (len(picked) + 1) * max(width, chunk) > self.prefill_chunk:
                 break
             seq.chunk, width = chunk, max(width, chunk)
             picked.append(seq)

@@ -66,8 +66,10 @@ def script(prompt: str) -> str:
 class ScriptedLM(torch.nn.Module):
     """Writes script(prompt) token by token, then <|im_end|>: a model whose output is known in advance.
 
-    Its cache (one layer) holds each row's token ids: key channel 0 is id + 1 (0 = padding), channel 1 marks
-    prompt positions. So the real engine's cache merging, padding and row dropping keep every row's state.
+    Its cache (one layer) holds each row's token ids: key channel 0 is id + 1, channel 1 marks prompt tokens (those
+    the engine feeds in a prefill call, which asks for the last logits only). A row sees the cache columns the
+    engine's attention mask opens to its last token, so the real engine's slots, chunks and masks keep every row's
+    state; the engine's filler rows (token 0 at position 0 in a decode call) are skipped.
     """
 
     def __init__(self, tokenizer, delay: float = 0.0):
@@ -91,20 +93,23 @@ class ScriptedLM(torch.nn.Module):
             self.prompts.append(prompt)
         return self._targets[key]
 
-    def forward(self, input_ids, attention_mask, **kwargs):
-        past_key_values = kwargs[CACHE_ARG]
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **kwargs):
+        cache = kwargs[CACHE_ARG]
         if self.delay:
             time.sleep(self.delay)
-        width = input_ids.shape[1]
-        is_prompt = float(past_key_values.get_seq_length() == 0)
-        state = torch.stack([(input_ids + 1) * attention_mask[:, -width:], torch.full_like(input_ids, is_prompt)], -1)
-        keys, _ = past_key_values.update(state[:, None].float(), state[:, None].float(), 0)
+        prefill = logits_to_keep == 1
+        state = torch.stack([input_ids + 1, torch.full_like(input_ids, prefill)], -1).float()  # [n, T, 2]
+        keys, _ = cache.update(state[:, None], state[:, None], 0)
+        seen = attention_mask[:, 0, -1, :] == 0  # the columns each row's last token attends to
         logits = torch.full((input_ids.shape[0], 1, len(self.tokenizer)), -1e4)
-        for row, (ids, prompt_flags) in enumerate(zip(keys[:, 0, :, 0].long() - 1, keys[:, 0, :, 1] > 0, strict=True)):
-            prompt, generated = ids[(ids >= 0) & prompt_flags].tolist(), ids[(ids >= 0) & ~prompt_flags].tolist()
+        for row in range(input_ids.shape[0]):
+            if not prefill and int(position_ids[row, -1]) == 0:
+                continue  # a filler row of the decode step
+            ids, prompt_flags = keys[row, 0, seen[row], 0].long() - 1, keys[row, 0, seen[row], 1] > 0
+            prompt, generated = ids[prompt_flags].tolist(), ids[~prompt_flags].tolist()
             target = self.target(prompt)
             logits[row, -1, target[min(len(generated), len(target) - 1)]] = 0
-        return CausalLMOutputWithPast(logits=logits, **cache_kwargs(past_key_values))
+        return CausalLMOutputWithPast(logits=logits, **cache_kwargs(cache))
 
 
 def free_port() -> int:
