@@ -6,7 +6,10 @@ only); the difference is the decode phase, reported apart from the end-to-end ra
 --repeats interleaved runs, in wall seconds and in CPU seconds of this process (steadier on a shared CPU).
 
     python -m bench.engine_bench [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
-                                 [--dtype float32|bfloat16]
+                                 [--dtype float32|bfloat16] [--contexts 100,4000]
+
+--contexts measures instead how one stream's decode cost grows with its context: ms per token after prompts of
+each length, for the engine (slot cache, written in place) and model.generate (DynamicCache, concatenated).
 """
 
 import argparse
@@ -54,6 +57,33 @@ def run_generate(model, prompt: list[int], new_tokens: int) -> None:
         model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
+def decode_ms(run, context: int, new_tokens: int) -> float:
+    """Milliseconds per decoded token after a `context`-token prompt: (time(n tokens) - time(1 token)) / (n - 1)."""
+    (wall_n, _), (wall_1, _) = timed(lambda: run(context, new_tokens)), timed(lambda: run(context, 1))
+    return (wall_n - wall_1) / (new_tokens - 1) * 1000
+
+
+def context_growth(model, engine: Engine, contexts: list[int], new_tokens: int, repeats: int) -> None:
+    vocab = model.config.vocab_size
+    rng = random.Random(1)
+    prompts = {c: [rng.randrange(vocab) for _ in range(c)] for c in contexts}
+    cases = {
+        "engine": lambda c, k: run_engine(engine, [prompts[c]], k),
+        "generate": lambda c, k: run_generate(model, prompts[c], k),
+    }
+    best = {(name, c): float("inf") for name in cases for c in contexts}
+    for _ in range(repeats):  # interleaved
+        for name, c in best:
+            best[name, c] = min(best[name, c], decode_ms(cases[name], c, new_tokens))
+    print(f"decode ms/token by context ({new_tokens} new tokens, best of {repeats})")
+    for name in cases:
+        row = "  ".join(f"{c:>5}: {best[name, c]:6.1f}" for c in contexts)
+        print(f"{name:9} {row}   growth {contexts[-1]}/{contexts[0]}: "
+              f"{best[name, contexts[-1]] / best[name, contexts[0]]:.2f}x")
+    for c in contexts:
+        print(f"engine / generate speed at {c}: {best['generate', c] / best['engine', c]:.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,6 +95,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--contexts", default=None, help="e.g. 100,4000: decode cost by context length instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,6 +107,13 @@ def main():
 
     model.generation_config.eos_token_id = None
     n, streams = args.new_tokens, args.streams
+    if args.contexts:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        if args.arch == "qwen":  # stay below seq_length: dynamic NTK would recompute the cache on the way
+            model.config.seq_length = max(model.config.seq_length, max(contexts) + n)
+        with Engine(model, max_batch_size=1) as engine:
+            context_growth(model, engine, contexts, n, args.repeats)
+        return
     engine = Engine(model, max_batch_size=streams).start()
     cases = {  # name -> (streams, run(new_tokens))
         "generate": (1, lambda k: run_generate(model, prompts[0], k)),
