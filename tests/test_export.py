@@ -8,8 +8,8 @@ from conftest import load_reference
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from qwen.checkpoints import make_tiny_checkpoint
-from qwen.convert import main
 from qwen.configuration_qwen import QWenConfig
+from qwen.convert import main
 from qwen.errors import UsageError
 from qwen.export import export_qwen2, long_context_rope, ntk_long_factor
 from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha
