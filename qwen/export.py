@@ -28,6 +28,9 @@ from .modeling_qwen import dynamic_ntk_alpha
 from .weights import qwen_to_qwen2
 
 ROPE_MODES = ("longrope", "none")
+# The tensors of a GPTQ-quantized Linear (auto-gptq v1, the hub's Qwen-*-Int4/Int8): packed int32 qweight
+# [in*bits/32, out], qzeros [groups, out*bits/32], scales [groups, out], g_idx [in]; the output runs along columns.
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 SHARD_INDEX = "model.safetensors.index.json"
 # generation_config.json keys whose meaning is the same in transformers, vLLM and SGLang (the Qwen-only keys
 # chat_format / max_window_size / stop_words_ids have no counterpart there; the stop ids become eos_token_id).
@@ -174,19 +177,49 @@ def _readable(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _gptq_to_qwen2(config: QWenConfig, tensors: dict[str, torch.Tensor], bits: int):
+    """qwen_to_qwen2 for a GPTQ shard: the table renames each quantized Linear and splits c_attn's output rows into
+    q/k/v; packed tensors hold the output along columns, so they go through it transposed. g_idx (per input
+    column) is the same for q, k and v."""
+    plain, packed = {}, {}
+    for name, tensor in tensors.items():
+        prefix, _, part = name.rpartition(".")
+        if part in GPTQ_PARTS:
+            packed.setdefault(prefix, {})[part] = tensor
+        else:
+            plain[name] = tensor
+    qwen2_config, converted = qwen_to_qwen2(config, plain)
+    per_word = 32 // bits
+    for prefix, parts in packed.items():
+        targets = list(qwen_to_qwen2(config, {f"{prefix}.weight": torch.zeros(3, 1)})[1])
+        if len(targets) > 1 and (config.num_attention_heads * config.kv_channels) % per_word:
+            raise CheckpointError(f"{prefix}: q/k/v widths are not a multiple of {per_word}; qzeros cannot be split.")
+        for part, tensor in parts.items():
+            if part == "g_idx":
+                converted.update({target[: -len("weight")] + part: tensor.clone() for target in targets})
+                continue
+            _, split = qwen_to_qwen2(config, {f"{prefix}.weight": tensor.T})
+            converted.update({target[: -len("weight")] + part: value.T for target, value in split.items()})
+    return qwen2_config, converted
+
+
 def _export_weights(config: QWenConfig, source: Path, out: Path, dtype: torch.dtype | None):
     """Convert shard by shard; returns the Qwen2Config and the dtype the weights were written in."""
     from safetensors.torch import save_file
 
     files = _weight_files(source)
+    gptq_bits = (getattr(config, "quantization_config", None) or {}).get("bits")
     weight_map, total_size, qwen2_config, written_dtype = {}, 0, None, dtype
     for number, path in enumerate(files, start=1):
-        qwen2_config, tensors = qwen_to_qwen2(config, _read_weights(path))
+        if gptq_bits:
+            qwen2_config, tensors = _gptq_to_qwen2(config, _read_weights(path), gptq_bits)
+        else:
+            qwen2_config, tensors = qwen_to_qwen2(config, _read_weights(path))
         if dtype is not None:
             tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-        if written_dtype is None and tensors:
-            written_dtype = next(iter(tensors.values())).dtype
+        if written_dtype is None:
+            written_dtype = next((t.dtype for n, t in tensors.items() if n.endswith("norm.weight")), None)
         shard = f"model-{number:05d}-of-{len(files):05d}.safetensors" if len(files) > 1 else "model.safetensors"
         save_file(tensors, out / shard, metadata={"format": "pt"})
         _readable(out / shard)
@@ -240,7 +273,16 @@ def export_qwen2(
         raise CheckpointError(f"{source} is not a directory: pass a QWen checkpoint directory (with config.json).")
     if rope not in ROPE_MODES:
         raise UsageError(f"unknown rope mode {rope!r}: use one of {', '.join(ROPE_MODES)}")
-    raw_config = check_checkpoint(source)
+    if not (source / "config.json").is_file():
+        check_checkpoint(source)  # names what is missing
+    raw_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    quantization = raw_config.get("quantization_config") or {}
+    if quantization and quantization.get("quant_method") != "gptq":
+        raise CheckpointError(f"{source}: cannot export {quantization.get('quant_method')!r} quantization, only GPTQ.")
+    if quantization and dtype is not None:
+        raise UsageError("--dtype cannot recast a GPTQ checkpoint: its packed weights keep their format.")
+    if not quantization:  # (the loader's check, which also names missing shards; GPTQ files are checked as read)
+        check_checkpoint(source)
     if raw_config.get("model_type") != "qwen":
         raise CheckpointError(
             f"{source} is not a QWen (v1) checkpoint (model_type {raw_config.get('model_type')!r}); "
@@ -276,6 +318,10 @@ def export_qwen2(
     qwen2_config.pad_token_id = generation.pad_token_id
     qwen2_config.bos_token_id = None
     qwen2_config.dtype = written_dtype
+    if quantization:  # vLLM / SGLang / transformers read it from config.json; auto-gptq from quantize_config.json
+        qwen2_config.quantization_config = quantization
+        if (source / "quantize_config.json").is_file():
+            shutil.copyfile(source / "quantize_config.json", out / "quantize_config.json")
     qwen2_config.save_pretrained(out)
     generation.save_pretrained(out)
     for extra in ("LICENSE", "NOTICE", "README.md"):

@@ -163,3 +163,72 @@ def test_demo_model_export_keeps_its_tokenizer_and_greedy_answer(demo_checkpoint
     ids = torch.tensor([prompt])
     settings = {"max_new_tokens": 12, "do_sample": False}
     assert ours.generate(ids, **settings).tolist() == theirs.generate(ids, **settings).tolist()
+
+
+# ---- GPTQ (auto-gptq v1 layout, as the hub's Qwen-*-Int4 / -Int8) ----
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> their 32 // bits values (lowest bits first), laid out along `dim`."""
+    shifts = torch.arange(0, 32, bits)
+    values = (packed.long().unsqueeze(dim + 1) >> shifts.view(*([1] * (dim + 1)), -1, *([1] * (1 - dim)))) & (
+        (1 << bits) - 1
+    )
+    return values.flatten(dim, dim + 1)
+
+
+def _dequantize(tensors: dict, prefix: str, bits: int) -> torch.Tensor:
+    """weight [out, in] = scale * (q - (zero + 1)) per (group of input columns, output column)."""
+    q = _unpack(tensors[f"{prefix}.qweight"], bits, dim=0)  # [in, out]
+    zeros = _unpack(tensors[f"{prefix}.qzeros"], bits, dim=1) + 1  # [groups, out]
+    groups = tensors[f"{prefix}.g_idx"].long()
+    return (tensors[f"{prefix}.scales"].float()[groups] * (q - zeros[groups]).float()).T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_checkpoint_exports_packed_q_k_v(tiny, tmp_path, bits):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "gptq"
+    source.mkdir()
+    config = json.loads((tiny / "config.json").read_text())
+    quantization = {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": True}
+    config["quantization_config"] = quantization
+    (source / "config.json").write_text(json.dumps(config))
+    for name in ("generation_config.json", "tokenizer_config.json", "qwen.tiktoken"):
+        (source / name).write_bytes((tiny / name).read_bytes())
+    (source / "quantize_config.json").write_text(json.dumps(quantization))
+    generator = torch.Generator().manual_seed(0)
+    words = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, generator=generator, dtype=torch.int64).int()  # noqa: E731
+    hidden, ffn, per_word = TINY["hidden"], TINY["intermediate"] // 2, 32 // bits
+    linears = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden), "mlp.w1": (hidden, ffn),
+               "mlp.w2": (hidden, ffn), "mlp.c_proj": (ffn, hidden)}  # fmt: skip
+    base = {name: t for shard in sorted(tiny.glob("model-*.safetensors")) for name, t in load_file(shard).items()}
+    tensors = {name: t.half() for name, t in base.items() if not any(f".{linear}." in name for linear in linears)}
+    for layer in range(TINY["layers"]):
+        for linear, (columns_in, columns_out) in linears.items():
+            prefix = f"transformer.h.{layer}.{linear}"
+            tensors[f"{prefix}.qweight"] = words(columns_in // per_word, columns_out)
+            tensors[f"{prefix}.qzeros"] = words(columns_in // 32, columns_out // per_word)
+            tensors[f"{prefix}.scales"] = torch.rand(columns_in // 32, columns_out, generator=generator).half()
+            tensors[f"{prefix}.g_idx"] = torch.arange(columns_in, dtype=torch.int32) // 32
+        tensors[f"transformer.h.{layer}.attn.c_attn.bias"] = torch.randn(3 * hidden, generator=generator).half()
+    save_file(tensors, source / "model.safetensors")
+
+    out = export_qwen2(source, tmp_path / "qwen2")
+    exported = load_file(out / "model.safetensors")
+    qwen2_config = json.loads((out / "config.json").read_text())
+    assert qwen2_config["quantization_config"] == quantization
+    assert json.loads((out / "quantize_config.json").read_text()) == quantization
+    for layer in range(TINY["layers"]):
+        fused = _dequantize(tensors, f"transformer.h.{layer}.attn.c_attn", bits)
+        split = [_dequantize(exported, f"model.layers.{layer}.self_attn.{p}_proj", bits) for p in "qkv"]
+        assert torch.equal(torch.cat(split), fused)
+        bias = torch.cat([exported[f"model.layers.{layer}.self_attn.{p}_proj.bias"] for p in "qkv"])
+        assert torch.equal(bias, tensors[f"transformer.h.{layer}.attn.c_attn.bias"])
+        for qwen_name, qwen2_name in (("mlp.w2", "mlp.gate_proj"), ("mlp.w1", "mlp.up_proj"),
+                                      ("mlp.c_proj", "mlp.down_proj"), ("attn.c_proj", "self_attn.o_proj")):  # fmt: skip
+            for part in ("qweight", "qzeros", "scales", "g_idx"):
+                assert torch.equal(exported[f"model.layers.{layer}.{qwen2_name}.{part}"],
+                                   tensors[f"transformer.h.{layer}.{qwen_name}.{part}"])  # fmt: skip
+    assert exported["model.norm.weight"].dtype == torch.float16
