@@ -7,6 +7,7 @@ python -m qwen.convert to-qwen2 SRC_DIR OUT_DIR                    # QWen -> Qwe
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def _command_to_qwen2(args) -> None:
         dtype=DTYPES[args.dtype] if args.dtype else None,
     )
     print(f"Qwen2ForCausalLM checkpoint written to {out} (serve it with vLLM or SGLang as it is)")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    rope = config["rope_parameters"]
+    if rope["rope_type"] == "longrope":
+        seq_length = rope["original_max_position_embeddings"]
+        print(
+            f"note: identical to QWen up to {seq_length} tokens: serve with `--max-model-len {seq_length}` for that. "
+            f"A larger --max-model-len (up to {config['max_position_embeddings']}) makes vLLM use NTK-scaled RoPE "
+            "for every request and has no logN scaling (see examples/serving_vllm.md)."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
