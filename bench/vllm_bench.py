@@ -12,7 +12,9 @@ vLLM lives in its own virtual environment (see examples/serving_vllm.md); point 
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,31 +25,43 @@ from pathlib import Path
 import httpx
 import openai
 
-from bench.serve_bench import free_port, run_round, start_server
+from bench.serve_bench import free_port, run_round, running_server
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 
-def start_vllm(python: str, model: Path, threads: int, max_model_len: int, log: Path) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def running_vllm(python: str, model: Path, threads: int, max_model_len: int, log: Path):
+    """vLLM's OpenAI server on `model` (a child in its own session): yields its URL; it and its engine processes
+    are stopped on any exit, Ctrl-C included."""
     port = free_port()
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", str(max_model_len), "--max-num-seqs", "16"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900  # the first start compiles the model (minutes on a small CPU)
-    while time.time() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"vLLM exited with {process.returncode}; its log: {log}")
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900  # the first start compiles the model (minutes on a small CPU)
+        while True:
+            if process.poll() is not None:
+                sys.exit(f"vLLM exited with {process.returncode}; its log: {log}")
+            if time.time() > deadline:
+                sys.exit(f"vLLM did not come up within 900 s; its log: {log}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # the API server and the engine processes it started
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(2)
-    process.terminate()
-    sys.exit(f"vLLM did not come up within 900 s; its log: {log}")
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def greedy_answer(url: str, max_tokens: int) -> str:
@@ -66,14 +80,6 @@ def measure(url: str, clients: int, max_tokens: int, rounds: int) -> dict[int, f
         for n in speeds:
             speeds[n].append(asyncio.run(run_round(url, n, max_tokens, r * n))[0])
     return {n: statistics.median(values) for n, values in speeds.items()}
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def plot(results: dict[str, dict[int, float]], path: Path) -> None:
@@ -95,6 +101,12 @@ def plot(results: dict[str, dict[int, float]], path: Path) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def report(name: str, answer: str, speeds: dict[int, float]) -> None:
+    """One server's results, printed as soon as they are measured (a long run keeps what it has)."""
+    rates = "   ".join(f"{n} client(s): {speed:.1f} tokens/s" for n, speed in speeds.items())
+    print(f"{name}: greedy answer {answer!r}\n{name}: {rates}", flush=True)
 
 
 def main() -> int:
@@ -121,27 +133,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qwen2-export-") as tmp:
         started = time.perf_counter()
         export = export_qwen2(source, Path(tmp) / "qwen2")
-        print(f"exported {source} to the Qwen2 layout in {time.perf_counter() - started:.0f} s")
+        print(f"exported {source} to the Qwen2 layout in {time.perf_counter() - started:.0f} s", flush=True)
 
-        process, url = start_server(str(source), args.threads)
-        try:
+        with running_server(str(source), args.threads) as url:
             answers["openai_api.py"] = greedy_answer(url, 32)
             results["openai_api.py"] = measure(url, args.clients, args.max_tokens, args.rounds)
-        finally:
-            stop(process)
+        report("openai_api.py", answers["openai_api.py"], results["openai_api.py"])
 
-        log = Path(tmp) / "vllm.log"
         started = time.perf_counter()
-        process, url = start_vllm(args.vllm_python, export, args.threads, args.max_model_len, log)
-        print(f"vLLM ready in {time.perf_counter() - started:.0f} s")
-        try:
+        with running_vllm(args.vllm_python, export, args.threads, args.max_model_len, Path(tmp) / "vllm.log") as url:
+            print(f"vLLM ready in {time.perf_counter() - started:.0f} s", flush=True)
             answers["vLLM"] = greedy_answer(url, 32)
             results["vLLM"] = measure(url, args.clients, args.max_tokens, args.rounds)
-        finally:
-            stop(process)
+        report("vLLM", answers["vLLM"], results["vLLM"])
 
-    for name, answer in answers.items():
-        print(f"greedy answer, {name:13s}: {answer!r}")
     same = len(set(answers.values())) == 1
     print("greedy answers equal:", "yes" if same else "NO")
     print(f"\n{'aggregate tokens/s':22s}" + "".join(f"{name:>16s}" for name in results) + f"{'vLLM / ours':>14s}")

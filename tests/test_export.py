@@ -105,6 +105,19 @@ def test_tokenizer_gives_the_original_ids(fast_tokenizer):
         assert fast_tokenizer.convert_tokens_to_ids(token) == index
 
 
+def test_tokenizer_agrees_with_qwen_tokenizer_where_the_golden_file_is_silent(tiny, exported, fast_tokenizer):
+    from tokenizers import Tokenizer
+
+    qwen_tokenizer = AutoTokenizer.from_pretrained(tiny)
+    raw = Tokenizer.from_file(str(exported / "tokenizer.json"))  # as engines that read tokenizer.json directly
+    texts = ["Cafe\u0301 de\u0301ja\u0300 vu", "\u212b\u2126 \uff21\uff22", "12345678 3.14159", "a\r\n\r\n  b\t\tc",
+             "don't I'LL we've", "<|extra_7|>x<|endoftext|>", "😀👍🏽 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]  # fmt: skip
+    for text in texts:  # NFC-composable accents, compatibility characters, digits, CRLF, contractions, emoji
+        expected = qwen_tokenizer.encode(text)
+        assert fast_tokenizer.encode(text, add_special_tokens=False) == expected, text
+        assert raw.encode(text, add_special_tokens=False).ids == expected, text
+
+
 def _messages(case) -> list[dict]:
     messages = [{"role": "system", "content": case["system"]}]
     for query, response in case["history"]:
