@@ -11,6 +11,7 @@
   a checkpoint that already has a fast tokenizer (the demo model) keeps its own;
 - a ChatML chat template that renders make_context()'s layout, and generation_config.json with the chat
   model's stop tokens.
+GPTQ checkpoints (the hub's Int4 / Int8) export too: their packed q/k/v are split along the output columns.
 """
 
 import json
