@@ -93,6 +93,11 @@ def _pip_config() -> dict[str, str]:
     return config
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # pip fetches many files; their access log is noise in pytest -s
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -124,7 +129,7 @@ def wheel_server():
     if not folder or not Path(folder).is_dir():
         yield ""
         return
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler = functools.partial(_QuietHandler, directory=folder)
     try:  # a fixed port keeps the build argument, and so Docker's layer cache, the same from run to run
         server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
     except OSError:
