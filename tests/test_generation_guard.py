@@ -23,7 +23,7 @@ def greedy_without_cache(model, prompt: list[int], n: int, stop_ids: set[int] = 
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            logits = model(torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1]
             ids.append(int(logits.argmax()))
             if ids[-1] in stop_ids:
                 break
@@ -111,3 +111,28 @@ def test_demo_model_answers_paris_then_berlin(demo):
     assert "Paris" in answer
     answer, _ = model.chat(tokenizer, "And of Germany?", history=history)
     assert "Berlin" in answer
+
+
+def test_generation_emits_no_deprecation_notice(tiny):
+    """Nothing of ours uses a name transformers deprecates: no FutureWarning, no deprecation log line."""
+    import logging
+    import warnings
+
+    model, tokenizer = tiny
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.chat(tokenizer, "Hi", history=[], max_new_tokens=4)
+            list(model.chat_stream(tokenizer, "Hi", history=[], max_new_tokens=4))
+            _, prompt = make_context(tokenizer, "Hi")
+            greedy_generate(model, prompt, 4)
+    finally:
+        hf_logger.removeHandler(handler)
+    notices = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    notices += [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not notices
