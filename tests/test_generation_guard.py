@@ -23,7 +23,7 @@ def greedy_without_cache(model, prompt: list[int], n: int, stop_ids: set[int] = 
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            logits = model(torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1]
             ids.append(int(logits.argmax()))
             if ids[-1] in stop_ids:
                 break
