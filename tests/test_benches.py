@@ -51,3 +51,20 @@ def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
+
+
+def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
+    from bench.serve_bench import running_server
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    with running_server(str(checkpoint), 1, []) as (peer_url, peer_pid):  # any OpenAI-compatible server
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.serve_bench", "-c", str(checkpoint), "--threads", "1", "--clients", "2",
+             "--max-tokens", "4", "--rounds", "1", "--peer", peer_url, "--peer-name", "other",
+             "--peer-pid", str(peer_pid), "--plot", str(tmp_path / "serve.png")],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for line in ("ours  2 client(s)", "other  2 client(s)", "ours / other, 2 client(s)", "peak memory ours / other"):
+        assert line in done.stdout, done.stdout
+    assert (tmp_path / "serve.png").stat().st_size > 0
