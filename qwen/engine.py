@@ -419,18 +419,20 @@ class Engine:
             seq.slot = self._slots.index(None)
             self._slots[seq.slot] = seq
         self._rows = self._rows + admitted
-        decoding = [s for s in self._rows if s.decoding]
-        if decoding:
-            try:
-                self._decode(decoding)
-            except Exception as exc:  # fail what took part; the slots of the others hold what they held
-                self._fail(decoding, exc)
+        # prefill first: a request whose prompt is then complete gets its first token now, and its second in the
+        # decode below, as in a whole-prompt prefill
         prefilling = self._schedule_prefill()
         if prefilling:
             try:
                 self._prefill(prefilling)
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
                 self._fail(prefilling, exc)
+        decoding = [s for s in self._rows if s.decoding]
+        if decoding:
+            try:
+                self._decode(decoding)
+            except Exception as exc:  # fail what took part; the slots of the others hold what they held
+                self._fail(decoding, exc)
 
     def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
         for seq in seqs:
