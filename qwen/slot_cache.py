@@ -169,13 +169,13 @@ class SlotCache(Cache):
             raise ValueError(f"rows must be distinct slots in [0, {self.max_slots}), got {rows}")
         plan = _Plan(rows, columns, device)
         slots, width = self.capacity
-        if plan.width > width or max(rows) >= slots:
-            slots = min(self.max_slots, max(slots, 2 * slots, max(rows) + 1))
-            width = max(width, 2 * width, plan.width)
-            width = -(-width // self.GROWTH_COLUMNS) * self.GROWTH_COLUMNS
+        if max(rows) >= slots:  # each dimension doubles only when it is too small
+            slots = min(self.max_slots, max(2 * slots, max(rows) + 1))
+        if plan.width > width:
+            width = -(-max(2 * width, plan.width) // self.GROWTH_COLUMNS) * self.GROWTH_COLUMNS
             if self.max_columns is not None:
                 width = max(min(width, self.max_columns), plan.width)
-            self.capacity = (slots, width)
+        self.capacity = (slots, width)
         self.plan_or_none = plan
         return plan
 

@@ -90,7 +90,7 @@ def run_staggered(engine, prompts, params, collect=True):
         engine.step()
         peak = max(peak, engine.num_running)
         slots = [s.slot for s in engine._rows]  # each running request keeps its own slot of the cache
-        assert len(set(slots)) == len(slots) and all(engine._slots[i] is s for i, s in zip(slots, engine._rows))
+        assert len(set(slots)) == len(slots) and all(engine._slots[i] is s for i, s in zip(slots, engine._rows, strict=True))
     return ([h.result() for h in handles] if collect else handles), peak
 
 

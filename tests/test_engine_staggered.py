@@ -105,3 +105,17 @@ def test_int8_cache_rows_match_each_request_alone():
         expected = alone(model, prompt, n)
         assert [e.token_id for e in tokens] == [e.token_id for e in expected]
         assert [e.logprob for e in tokens] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+
+
+def test_slot_cache_grows_each_dimension_only_as_needed():
+    from qwen.slot_cache import SlotCache
+
+    cache = SlotCache(max_slots=8)
+    cache.plan([0], [[0, 1, 2]], "cpu")
+    assert cache.capacity == (1, 256)
+    cache.plan(list(range(8)), [[5]] * 8, "cpu")  # more rows: the columns stay
+    assert cache.capacity == (8, 256)
+    cache.plan([3], [[300]], "cpu")  # a longer row: the rows stay
+    assert cache.capacity == (8, 512)
+    with pytest.raises(ValueError, match="distinct slots"):
+        cache.plan([8], [[0]], "cpu")
