@@ -3,6 +3,7 @@
 python -m qwen.convert tiny OUT_DIR [--layers 2 --hidden 64 ...]   # random tiny checkpoint for tests
 python -m qwen.convert llama SRC_DIR_OR_GGUF OUT_DIR               # Llama-layout model -> QWen layout
 python -m qwen.convert demo [--cache-dir DIR]                      # prepare the offline demo model
+python -m qwen.convert merge-lora ADAPTER_DIR OUT_DIR              # LoRA / Q-LoRA adapter -> full checkpoint
 """
 
 import argparse
@@ -43,6 +44,12 @@ def _command_demo(args) -> None:
     print(demo_checkpoint(args.cache_dir))
 
 
+def _command_merge_lora(args) -> None:
+    from .sft import merge_lora
+
+    print(f"merged checkpoint written to {merge_lora(args.adapter_dir, args.out_dir, args.shard_size)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen.convert", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="prepare the offline demo model and print its path")
     demo.add_argument("--cache-dir", default=None, help="default: $QWEN_DEMO_DIR or ~/.cache/qwen/demo")
     demo.set_defaults(run=_command_demo)
+
+    merge = commands.add_parser("merge-lora", help="merge a finetune.py LoRA / Q-LoRA adapter into its base model")
+    merge.add_argument("adapter_dir", help="finetune.py --use_lora output directory (adapter_config.json)")
+    merge.add_argument("out_dir")
+    merge.add_argument("--shard-size", default="2GB", help="largest weight shard (default 2GB)")
+    merge.set_defaults(run=_command_merge_lora)
 
     args = parser.parse_args(argv)
     try:

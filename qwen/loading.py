@@ -219,6 +219,8 @@ def load_model_and_tokenizer(
         path = _demo_path()
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
+    if (path / ADAPTER_CONFIG).is_file():
+        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only, **model_kwargs)
     check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device)
@@ -232,4 +234,33 @@ def load_model_and_tokenizer(
     return model.eval(), tokenizer
 
 
-__all__ = ["CheckpointError", "load_model_and_tokenizer", "resolve_checkpoint", "check_checkpoint"]
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
+
+
+def load_adapter_checkpoint(path: Path, **load_kwargs):
+    """(model, tokenizer) of a LoRA adapter directory (finetune.py --use_lora output): its base checkpoint loaded
+    as any other, the adapter merged in (inference runs at the base model's speed), and the tokenizer and
+    generation_config saved beside the adapter."""
+    if importlib.util.find_spec("peft") is None:
+        raise CheckpointError(
+            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements-finetune.txt"
+        )
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG} is unreadable or names no base model ({exc}).") from exc
+    model, tokenizer = load_model_and_tokenizer(base, **load_kwargs)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+__all__ = [
+    "CheckpointError", "check_checkpoint", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
+]

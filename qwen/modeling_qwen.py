@@ -421,7 +421,9 @@ class QWenModel(QWenPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                **cache_kwargs(cache),
+                # An empty DynamicCache masks as no cache at all; passing it would switch off transformers'
+                # packed-sequence masking (samples packed in one row, told apart by restarting position_ids).
+                **cache_kwargs(None if isinstance(cache, DynamicCache) and past_length == 0 else cache),
             )
 
         # Long context (inference only, as the original): per-row NTK alpha and logN query scaling.

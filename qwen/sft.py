@@ -81,6 +81,30 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     use_lora: bool = field(default=False)
 
+    def __post_init__(self):
+        # torchrun on a machine without GPUs: train on the CPU over gloo, with DeepSpeed too. transformers and
+        # accelerate only wire DeepSpeed to a GPU backend, so the process group is set up here and handed over.
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.ddp_backend = self.ddp_backend or "gloo"
+            if self.deepspeed:
+                _deepspeed_state_on_cpu(self.ddp_backend)
+                if self.accelerator_config is None:
+                    self.accelerator_config = {"use_configured_state": True}
+            else:
+                self.use_cpu = True
+        super().__post_init__()
+
+
+def _deepspeed_state_on_cpu(backend: str) -> None:
+    """accelerate's process state for DeepSpeed over a CPU backend (it would otherwise run one process alone)."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read once, by this PartialState
+    try:
+        PartialState(backend=backend)
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
 
 @dataclass
 class LoraArguments:
@@ -373,7 +397,7 @@ def _zero_stage(training_args) -> int:
         try:
             config = json.loads(Path(config).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise UsageError(f"--deepspeed {training_args.deepspeed}: cannot read the DeepSpeed config ({exc})")
+            raise UsageError(f"--deepspeed {training_args.deepspeed}: cannot read the DeepSpeed config ({exc})") from None
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -442,6 +466,28 @@ def save_output(trainer, tokenizer, model, output_dir: str) -> None:
         generation_config.save_pretrained(output_dir)
 
 
+def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_size: str = "2GB") -> Path:
+    """A full checkpoint in the hub layout from a LoRA / Q-LoRA adapter directory: the adapter merged into the
+    base weights (the unquantized ones for Q-LoRA), saved in the base checkpoint's dtype with the tokenizer and
+    generation_config."""
+    from .errors import CheckpointError
+    from .loading import ADAPTER_CONFIG, DTYPES, load_adapter_checkpoint, resolve_checkpoint
+
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"{adapter_dir} is not a LoRA adapter directory (it has no {ADAPTER_CONFIG})")
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base_config = json.loads((resolve_checkpoint(base) / "config.json").read_text(encoding="utf-8")) if base else {}
+    model, tokenizer = load_adapter_checkpoint(adapter_dir, cpu_only=True, dtype="fp32")  # merge in fp32
+    saved_dtype = DTYPES.get(str(base_config.get("torch_dtype") or base_config.get("dtype")))
+    if saved_dtype is not None:  # the base checkpoint's own precision (bf16 on the hub)
+        model = model.to(saved_dtype)
+    model.save_pretrained(out, max_shard_size=shard_size)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -502,6 +548,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "train_loss": result.training_loss,
         "peak_memory": _peak_memory(),
         "output_dir": training_args.output_dir,
+        "processes": training_args.world_size,
+        "deepspeed_zero_stage": _zero_stage(training_args) if trainer.is_deepspeed_enabled else None,
     }
     if eval_data is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -521,6 +569,8 @@ def summary_text(summary: dict) -> str:
     if "eval_loss" in summary:
         lines.append(f"  eval loss         {summary['eval_loss']:.4f}")
     lines += [
+        f"  processes         {summary['processes']}"
+        + (f" (DeepSpeed ZeRO-{summary['deepspeed_zero_stage']})" if summary["deepspeed_zero_stage"] else ""),
         f"  peak memory       {summary['peak_memory']} (this process)",
         f"  output            {summary['output_dir']}",
         f"Chat with it:       python cli_demo.py -c {summary['output_dir']}",
@@ -530,5 +580,5 @@ def summary_text(summary: dict) -> str:
 
 __all__ = [
     "ARGUMENT_CLASSES", "IGNORE_INDEX", "SFTCollator", "Sample", "SupervisedDataset", "conversation",
-    "encode_conversation", "load_for_training", "modernize_argv", "pad_like_original", "read_records", "train",
+    "encode_conversation", "load_for_training", "merge_lora", "modernize_argv", "pad_like_original", "read_records", "train",
 ]
