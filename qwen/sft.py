@@ -293,13 +293,16 @@ class DataReport:
         return out
 
 
-class SupervisedDataset(torch.utils.data.Dataset):
-    """Every sample of a data file, validated and tokenized up front (so bad data fails before training)."""
+def load_conversations(path, default_system: str = DEFAULT_SYSTEM) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every sample of a data file as (system, turns), validated (needs no tokenizer: runs before loading)."""
+    return [conversation(record, where, default_system) for where, record in read_records(path)]
 
-    def __init__(self, path, tokenizer, max_len: int, default_system: str = DEFAULT_SYSTEM):
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """The tokenized samples of one data file; cut samples are counted, ones with no answer left dropped."""
+
+    def __init__(self, conversations, tokenizer, max_len: int, path: str = "data"):
         self.report = DataReport(str(path))
-        records = read_records(path)
-        conversations = [conversation(record, where, default_system) for where, record in records]
         self.samples: list[Sample] = []
         for system, turns in conversations:
             sample = encode_conversation(tokenizer, system, turns, max_len)
@@ -509,14 +512,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
           lora_args: LoraArguments) -> dict:
     """Fine-tune; returns the summary (also printed on the main process)."""
     check_arguments(training_args, lora_args, data_args)
+    # Bad data fails here, before a (possibly large) model is loaded.
+    paths = [data_args.data_path] + ([data_args.eval_data_path] if data_args.eval_data_path else [])
+    conversations = [load_conversations(path, data_args.system_message) for path in paths]
     model, tokenizer = load_for_training(model_args, training_args, lora_args)
     main_process = training_args.process_index == 0
     max_len = training_args.model_max_length
-    train_data = SupervisedDataset(data_args.data_path, tokenizer, max_len, data_args.system_message)
-    eval_data = (
-        SupervisedDataset(data_args.eval_data_path, tokenizer, max_len, data_args.system_message)
-        if data_args.eval_data_path else None
-    )
+    train_data, *evals = [
+        SupervisedDataset(samples, tokenizer, max_len, path) for samples, path in zip(conversations, paths, strict=True)
+    ]
+    eval_data = evals[0] if evals else None
     if main_process:
         for report in [train_data.report] + ([eval_data.report] if eval_data else []):
             print("\n".join(report.lines(max_len)), file=sys.stderr)
@@ -579,6 +584,6 @@ def summary_text(summary: dict) -> str:
 
 
 __all__ = [
-    "ARGUMENT_CLASSES", "IGNORE_INDEX", "SFTCollator", "Sample", "SupervisedDataset", "conversation",
+    "ARGUMENT_CLASSES", "IGNORE_INDEX", "SFTCollator", "Sample", "SupervisedDataset", "conversation", "load_conversations",
     "encode_conversation", "load_for_training", "merge_lora", "modernize_argv", "pad_like_original", "read_records", "train",
 ]
