@@ -8,7 +8,7 @@
 #
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node through torchrun's rendezvous) and
 # GPUS_PER_NODE (default: every GPU; without GPUs the launchers train on the CPU over gloo, 1 process unless
-# GPUS_PER_NODE says more).
+# GPUS_PER_NODE says more). FINETUNE_DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 
 usage() {
@@ -57,12 +57,18 @@ if [[ -n "${DS_CONFIG_PATH:-}" ]]; then
 fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    "$REPO/finetune.py" \
-    "${MODEL_ARGS[@]}" \
-    --data_path "$DATA" \
-    "${PRECISION_ARGS[@]}" \
-    "${TRAIN_ARGS[@]}" \
-    "${DS_ARGS[@]}" \
-    "${EXTRA_ARGS[@]}"
+CMD=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+    "$REPO/finetune.py"
+    "${MODEL_ARGS[@]}"
+    --data_path "$DATA"
+    "${PRECISION_ARGS[@]}"
+    "${TRAIN_ARGS[@]}"
+    "${DS_ARGS[@]}"
+    "${EXTRA_ARGS[@]}")
+if [[ -n "${FINETUNE_DRY_RUN:-}" ]]; then  # print the command instead of running it
+    printf '%q ' "${CMD[@]}"
+    echo
+    exit 0
+fi
+exec "${CMD[@]}"
