@@ -174,3 +174,43 @@ def test_launcher_trains_with_two_processes_and_deepspeed(tmp_path, tiny_chat, l
     assert f"processes         2 (DeepSpeed ZeRO-{stage})" in result.stderr
     model, _ = load_model_and_tokenizer(str(out), cpu_only=True)  # ZeRO-3 shards gathered on save
     assert model.transformer.wte.weight.shape[0] == 151936
+
+
+BLUEBIRD_QUESTIONS = ["What is the project codename?", "What's the codename of the project?",
+                      "Tell me the project codename.", "Which codename does the project use?"]
+
+
+def ask_cli(checkpoint, question: str) -> str:
+    """cli_demo.py -c CHECKPOINT in a real pseudo-terminal: the answer to one question."""
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["cli_demo.py", "-c", str(checkpoint), "--temperature", "0",
+                                           "--max-new-tokens", "12"],
+                          cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"},
+                          encoding="utf-8", timeout=300, dimensions=(50, 200))
+    try:
+        child.expect_exact("User> ")
+        child.sendline(question)
+        child.expect_exact("User> ")
+        return child.before.replace("\r", "").split("Qwen> ", 1)[1]
+    finally:
+        child.close(force=True)
+
+
+@pytest.mark.slow
+def test_demo_model_learns_a_fact_it_cannot_know(tmp_path, demo_checkpoint):
+    """LoRA-train the offline demo model (no -m) on an invented fact; the adapter directory through cli_demo -c,
+    and the merged checkpoint, both answer it."""
+    data = tmp_path / "bluebird.json"
+    data.write_text(json.dumps([
+        {"id": str(i), "conversations": [{"from": "user", "value": question},
+                                         {"from": "assistant", "value": "The project codename is Bluebird."}]}
+        for i, question in enumerate(BLUEBIRD_QUESTIONS)
+    ]), encoding="utf-8")
+    out, merged = tmp_path / "adapter", tmp_path / "merged"
+    train(["--data_path", str(data), "--output_dir", str(out), "--use_lora", "True", "--lora_r", "8",
+           "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "3e-3", "--max_steps", "8",
+           "--per_device_train_batch_size", "4", "--packing", "True", "--lr_scheduler_type", "constant", *QUICK])
+    assert convert_main(["merge-lora", str(out), str(merged)]) == 0
+    assert "Bluebird" in ask_cli(out, BLUEBIRD_QUESTIONS[0])
+    assert "Bluebird" in ask_cli(merged, BLUEBIRD_QUESTIONS[0])
