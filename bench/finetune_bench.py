@@ -20,6 +20,7 @@ import time
 import torch
 
 SHAPES = {  # hidden, layers, heads, intermediate (config.json: twice the MLP width)
+    "tiny": (64, 1, 4, 256),  # for checking that the bench runs
     "small": (256, 4, 4, 1376),
     "1.8b": (2048, 24, 16, 11008),  # Qwen-1.8B
 }
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, else fp32)")
+    parser.add_argument("--vocab-size", type=int, default=151936, help="Qwen's (the output layer is a large cost)")
     parser.add_argument("--model-max-length", type=int, default=512, help="the launchers' default")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
@@ -40,20 +42,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_samples(count: int, max_len: int, seed: int, vocab: int = 151643):
+def make_samples(count: int, max_len: int, seed: int, vocab: int):
     from qwen.sft import IGNORE_INDEX, Sample
 
     rng = random.Random(seed)
     samples = []
     for _ in range(count):
         length = int(min(max(rng.lognormvariate(5.075, 0.9), 24), max_len))  # e^5.075 = 160
-        ids = [rng.randrange(vocab) for _ in range(length)]
+        ids = [rng.randrange(vocab - 1) for _ in range(length)]  # the last id pads
         answer = int(length * 0.4)
         samples.append(Sample(ids, [IGNORE_INDEX] * answer + ids[answer:]))
     return samples
 
 
-def collate(variant: str, samples, max_len: int, pad_id: int = 151643) -> dict:
+def collate(variant: str, samples, max_len: int, pad_id: int) -> dict:
     from qwen.sft import SFTCollator, pad_like_original
 
     if variant == "original":
@@ -73,19 +75,20 @@ def run_variant(variant: str, args, queue) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32
     hidden, layers, heads, intermediate = SHAPES[args.shape]
     config = QWenConfig(
-        vocab_size=151936, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=args.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         kv_channels=hidden // heads, intermediate_size=intermediate, seq_length=8192, use_cache=False,
     )
     torch.manual_seed(args.seed)
     model = QWenLMHeadModel(config).to(device=args.device, dtype=dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed)
+    samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed, args.vocab_size)
     batches = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
     supervised, tokens, seconds = 0, 0, 0.0
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step, batch_samples in enumerate(batches):
-        batch = {k: v.to(args.device) for k, v in collate(variant, batch_samples, args.model_max_length).items()}
+        batch = collate(variant, batch_samples, args.model_max_length, pad_id=args.vocab_size - 1)
+        batch = {key: value.to(args.device) for key, value in batch.items()}
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -133,7 +136,7 @@ def main(argv=None) -> None:
         process.start()
         results[variant] = queue.get()
         process.join()
-    samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed)
+    samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed, args.vocab_size)
     lengths = sorted(len(s.input_ids) for s in samples)
     print(f"{args.shape} model on {args.device}, {args.batch_size} samples per step, {args.steps} timed steps; "
           f"sample lengths min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, "
