@@ -502,7 +502,8 @@ def _peak_memory() -> str:
 
 def _all_ranks_sum(value: int) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        total = torch.tensor([value], dtype=torch.long)
+        on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+        total = torch.tensor([value], dtype=torch.long, device=torch.cuda.current_device() if on_gpu else "cpu")
         torch.distributed.all_reduce(total)
         return int(total.item())
     return value

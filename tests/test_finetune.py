@@ -78,7 +78,7 @@ def test_lora_on_a_base_model_loads_everywhere_and_merges(tmp_path, tiny_base):
     out, merged = tmp_path / "lora", tmp_path / "merged"
     train(["--model_name_or_path", str(tiny_base), "--data_path", str(EXAMPLE_DATA), "--output_dir", str(out),
            "--use_lora", "True", "--lora_r", "4", "--learning_rate", "1e-2", "--max_steps", "3",
-           "--per_device_train_batch_size", "4", *QUICK])
+           "--per_device_train_batch_size", "4", "--group_by_length", "True", *QUICK])
     adapter = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     assert set(adapter["target_modules"]) == {"c_attn", "c_proj", "w1", "w2"}
     assert adapter["modules_to_save"] == ["wte", "lm_head"]  # a base model (chat_format raw) learns ChatML tokens
