@@ -252,6 +252,8 @@ class Gsm8kTask(Task):
     def load(self, args):
         if args.eval_data_path is None:
             raise UsageError("pass -f with GSM8K's test.jsonl (see eval/EVALUATION.md)")
+        if not self.chat and (self.few_shot_file is None or not self.few_shot_file.exists()):
+            raise UsageError(f"the 8-shot prompt file {self.few_shot_file} is missing (it comes with eval/)")
         samples = []
         for i, doc in enumerate(data.load_gsm8k(args.eval_data_path)):
             try:
@@ -271,8 +273,6 @@ class Gsm8kTask(Task):
             texts = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer))
             completions = texts
         else:
-            if self.few_shot_file is None or not self.few_shot_file.exists():
-                raise UsageError(f"the 8-shot prompt file {self.few_shot_file} is missing")
             few_shot = self.few_shot_file.read_text(encoding="utf-8")
             ids = [encode_plain(tokenizer, prompts.gsm8k_prompt(few_shot, s.item["question"])) for s in chunk]
             texts = self.generate(
