@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REFERENCE, REPO
+
 from qwen.evaluation.tasks import main
 
 FIXTURES = REFERENCE / "eval"
@@ -95,12 +95,12 @@ def test_plugin_end_to_end(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    with open(data / "exam_plugin_v1_react_positive.jsonl", "w", encoding="utf-8") as f:
+    with open(data / "exam_plugin_v20231206_react_positive.jsonl", "w", encoding="utf-8") as f:
         for case in cases["positive"]:
             response = react.CALL_TURN.format(thought=case["thought"], name=case["action"],
                                               arguments=json.dumps(case["action_input"]))
             f.write(json.dumps({"prompt": prompt(case["question"]), "response": response}) + "\n")
-    with open(data / "exam_plugin_v1_react_negative.jsonl", "w", encoding="utf-8") as f:
+    with open(data / "exam_plugin_v20231206_react_negative.jsonl", "w", encoding="utf-8") as f:
         for case in cases["negative"]:
             f.write(json.dumps({"prompt": prompt(case["question"])}) + "\n")
     summary, records = run("plugin", tmp_path, "-d", data, "--max-new-tokens", 24)

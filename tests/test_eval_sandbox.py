@@ -33,7 +33,7 @@ def test_limits(tmp_path):
         raw = run_program("import _socket\ns = _socket.socket()\ns.connect(('10.255.255.1', 80))\n")
         assert not raw.passed and "unreachable" in raw.output.lower()
     # its own temporary working directory, gone afterwards; nothing written where the evaluator runs
-    where = run_program("import os\nopen('left.txt', 'w').write('x')\nassert os.getcwd() != %r\n" % str(tmp_path))
+    where = run_program(f"import os\nopen('left.txt', 'w').write('x')\nassert os.getcwd() != {str(tmp_path)!r}\n")
     assert where.passed and not (tmp_path / "left.txt").exists()
 
 

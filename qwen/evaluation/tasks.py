@@ -168,7 +168,7 @@ class ChoiceTask(Task):
             pred = data.CHOICES[max(range(len(row)), key=row.__getitem__)]
             answer = s.item.answer
             records.append({"id": s.id, "subject": subject, "answer": answer, "pred": pred,
-                            "probs": dict(zip(data.CHOICES, row)), "correct": None if answer is None else pred == answer})
+                            "probs": dict(zip(data.CHOICES, row, strict=True)), "correct": None if answer is None else pred == answer})
         return records
 
     def summarize(self, samples, records):
@@ -327,7 +327,7 @@ class HumanEvalTask(Task):
             _require_chat(model, self.name)
             ids = [chat_prompt_ids(model, tokenizer, prompts.humaneval_chat_query(s.item)) for s in chunk]
             responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer))
-            return [extract.extract_chat_code(r, s.item["entry_point"]) for s, r in zip(chunk, responses)], responses
+            return [extract.extract_chat_code(r, s.item["entry_point"]) for s, r in zip(chunk, responses, strict=True)], responses
         ids = [encode_plain(tokenizer, s.item["prompt"]) for s in chunk]
         texts = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=[eod_id(tokenizer)],
                               should_stop=extract.ends_function_body)
