@@ -61,11 +61,18 @@ def generate_texts(
             on_done()
         return text
 
+    # longest first: the engine admits in submission order, so a batch holds similar lengths (little padding)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
     async def run_all() -> list[str]:
-        return await asyncio.gather(*(one(p) for p in prompts))
+        return await asyncio.gather(*(one(prompts[i]) for i in order))
 
     with engine:
-        return asyncio.run(run_all())
+        texts = asyncio.run(run_all())
+    result = [""] * len(prompts)
+    for i, text in zip(order, texts, strict=True):
+        result[i] = text
+    return result
 
 
 __all__ = ["PROMPT_TOO_LONG", "generate_texts"]
