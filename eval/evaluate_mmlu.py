@@ -6,7 +6,10 @@ from pathlib import Path
 EVAL_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(EVAL_DIR.parent))  # the repository root, when run as a script from anywhere
 
-from qwen.evaluation.tasks import main  # noqa: E402
+from qwen.scripts import quiet_libraries  # noqa: E402
 
 if __name__ == "__main__":
+    quiet_libraries()  # before the libraries are imported: their import-time chatter stays off the terminal
+    from qwen.evaluation.tasks import main
+
     main("mmlu", eval_dir=EVAL_DIR)

@@ -18,7 +18,7 @@ from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM, encode
 
 from .. import react
 from ..errors import DataError, UsageError
-from ..scripts import add_checkpoint_args, exit_on_user_error, load_checkpoint, quiet_libraries
+from ..scripts import add_checkpoint_args, exit_on_user_error, load_checkpoint
 from . import data, extract, prompts
 from .generation import generate_texts
 from .results import SampleLog, fingerprint, format_table, plot_bars, versions, write_summary
@@ -490,7 +490,6 @@ def main(name: str, argv: list[str] | None = None, eval_dir: str | Path | None =
     eval_dir = Path(eval_dir) if eval_dir else None
     task = task_for(name, eval_dir)
     args = build_parser(task, eval_dir).parse_args(argv)
-    quiet_libraries()
     with exit_on_user_error():
         return _run(task, args)
 
