@@ -33,12 +33,13 @@ def run(name, tmp_path, *flags):
     return summary, records
 
 
-@pytest.mark.parametrize("name, subjects, category", [
-    ("ceval", {"advanced_mathematics", "logic"}, "Hard"),
-    ("cmmlu", {"agronomy", "ancient_chinese"}, "China specific"),
+@pytest.mark.parametrize("name, subjects, category, max_seq_len", [
+    ("ceval", {"advanced_mathematics", "logic"}, "Hard", 2048),
+    ("cmmlu", {"agronomy", "ancient_chinese"}, "China specific", 256),  # 5-shot prompts cut to their end
 ])
-def test_choice_benchmark_end_to_end(tmp_path, name, subjects, category):
-    summary, records = run(name, tmp_path, "-d", FIXTURES / name, "--limit", 1)
+def test_choice_benchmark_end_to_end(tmp_path, name, subjects, category, max_seq_len):
+    summary, records = run(name, tmp_path, "-d", FIXTURES / name, "--limit", 1, "--max-seq-len", max_seq_len)
+    assert summary["settings"]["max_seq_len"] == max_seq_len
     assert {r["subject"] for r in records} == subjects and len(records) == 2
     for r in records:
         assert abs(sum(r["probs"].values()) - 1) < 1e-5 and r["pred"] == max(r["probs"], key=r["probs"].get)
