@@ -86,7 +86,7 @@ def format_table(title: str, rows: list[tuple[str, float, int]]) -> str:
 
 
 def plot_bars(path: str | Path, title: str, rows: list[tuple[str, float, int]], ylabel: str = "score (%)") -> None:
-    """A bar chart of the table's rows (the last row, the overall score, drawn darker)."""
+    """A bar chart of the table's rows (an overall "Average" row, when last, in another colour)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +95,9 @@ def plot_bars(path: str | Path, title: str, rows: list[tuple[str, float, int]], 
     names = [name for name, _, _ in rows]
     scores = [score for _, score, _ in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 4))
-    colors = ["tab:blue"] * (len(rows) - 1) + ["tab:orange"]
+    colors = ["tab:blue"] * len(rows)
+    if rows and rows[-1][0] == "Average":
+        colors[-1] = "tab:orange"
     bars = ax.bar(range(len(rows)), scores, color=colors)
     ax.bar_label(bars, labels=[f"{s:.1f}" for s in scores], fontsize=8)
     ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
