@@ -472,7 +472,8 @@ def build_parser(task: Task, eval_dir: Path | None = None) -> argparse.ArgumentP
                         help="per-sample results (JSONL; a rerun resumes from it); the summary .json and the chart "
                              f".png are written beside it (default outs/{task.name}_res.jsonl)")
     parser.add_argument("--max-seq-len", type=_positive, default=2048,
-                        help="longest prompt in tokens (longer few-shot prompts keep their end; default 2048)")
+                        help="context in tokens: longer few-shot prompts keep their end; generation stops at it "
+                             "(default 2048)")
     parser.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS,
                         help=f"generation length limit (default {DEFAULT_MAX_NEW_TOKENS}, the chat models' config)")
     parser.add_argument("--batch-size", type=_positive, default=8, help="questions per forward pass (default 8)")
