@@ -82,8 +82,19 @@ def test_chat_scripts_end_to_end(tmp_path):
     summary, records = run("chat_gsm8k", tmp_path, "-f", FIXTURES / "gsm8k", "--max-new-tokens", 12)
     assert [r["reference"] for r in records] == ["10", "2000", "-3", "3.5"]  # the fixed reference reader
     assert all(r["completion"] for r in records)
-    summary, records = run("chat_mmlu", tmp_path, "-d", FIXTURES / "mmlu", "--limit", 1, "--max-new-tokens", 8)
-    assert len(records) == 2 and all(r["pred"] in "ABCD" and r["response"] for r in records)
+    for name in ("chat_mmlu", "chat_ceval"):
+        summary, records = run(name, tmp_path, "-d", FIXTURES / name.removeprefix("chat_"), "--limit", 1,
+                               "--max-new-tokens", 8)
+        assert len(records) == 2 and all(r["pred"] in "ABCD" and r["response"] for r in records)
+        metrics = summary["metrics"]
+        if name == "chat_mmlu":  # averaged over questions
+            assert metrics["accuracy"] == 50.0 * sum(r["correct"] for r in records)
+        else:  # over subjects
+            assert metrics["accuracy"] == pytest.approx(sum(metrics["subjects"].values()) / 2)
+    summary, records = run("chat_humaneval", tmp_path, "--limit", 1, "--max-new-tokens", 16)
+    [record] = records
+    assert record["task_id"] == "HumanEval/0" and record["response"]
+    assert record["result"] in {"passed", "failed", "timed out"}
 
 
 def test_plugin_end_to_end(tmp_path):
