@@ -20,7 +20,7 @@ from .. import react
 from ..errors import DataError, UsageError
 from ..scripts import add_checkpoint_args, exit_on_user_error, load_checkpoint
 from . import data, extract, prompts
-from .generation import generate_texts
+from .generation import PROMPT_TOO_LONG, generate_texts
 from .results import SampleLog, fingerprint, format_table, plot_bars, versions, write_summary
 from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, humaneval_program, run_program
 from .scoring import choice_probabilities
@@ -93,10 +93,17 @@ class Task:
         raise NotImplementedError
 
     def generate(self, model, tokenizer, prompt_ids, args, progress, **kwargs) -> list[str]:
-        return generate_texts(
+        texts = generate_texts(
             model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             max_context=args.max_seq_len, on_done=lambda: progress(1), **kwargs
         )
+        too_long = sum(text == PROMPT_TOO_LONG for text in texts)
+        if too_long:
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: {too_long} prompt(s) do not fit --max-seq-len {args.max_seq_len}; they count as "
+                       f"wrong (their answer is {PROMPT_TOO_LONG!r}): raise --max-seq-len")
+        return texts
 
 
 # ------------------------------------------------------------------------------------ multiple choice
