@@ -11,7 +11,7 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from qwen.cli import ChatSession, Repl, UserInputError, apply_conf
+from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
 from qwen.loading import CheckpointError, load_model_and_tokenizer
 from qwen_generation_utils import DEFAULT_SYSTEM
 
@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         if (value := getattr(args, key)) is not None
     }
     try:
+        seed = parse_seed(str(args.seed))
         model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
         config = apply_conf(model.generation_config, overrides)
     except (CheckpointError, UserInputError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed)
+    session = ChatSession(model, tokenizer, config, system=args.system, seed=seed)
     return Repl(session).run()
 
 
