@@ -9,19 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transformers.utils import logging as hf_logging
-
-from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
-from qwen.loading import CheckpointError, load_model_and_tokenizer
+from qwen.scripts import add_checkpoint_args, exit_on_user_error, load_checkpoint, quiet_libraries
 from qwen_generation_utils import DEFAULT_SYSTEM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen terminal chat")
-    parser.add_argument("-c", "--checkpoint-path", default=None,
-                        help="hub id or checkpoint directory (default: the offline demo model)")
+    add_checkpoint_args(parser)
     parser.add_argument("-s", "--seed", type=int, default=1234, help="random seed (default 1234)")
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
@@ -33,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()  # keep library warnings out of the conversation
+    quiet_libraries()  # keep library warnings out of the conversation (before the libraries are imported)
+    from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
+
     overrides = {
         key: value
         for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -41,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         seed = parse_seed(str(args.seed))
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
+    except UserInputError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    with exit_on_user_error():
+        model, tokenizer = load_checkpoint(args)
+    try:
         config = apply_conf(model.generation_config, overrides)
-    except (CheckpointError, UserInputError) as exc:
+    except UserInputError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     session = ChatSession(model, tokenizer, config, system=args.system, seed=seed)

@@ -11,18 +11,25 @@ import gc
 import os
 import sys
 
+from qwen.scripts import (
+    add_checkpoint_args,
+    check_port_free,
+    exit_on_user_error,
+    load_checkpoint,
+    port,
+    quiet_libraries,
+)
+
 API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in the environment stays out of `ps`
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for Qwen chat models")
-    parser.add_argument("-c", "--checkpoint-path", default=None,
-                        help="hub id or checkpoint directory (default: the offline demo model)")
+    add_checkpoint_args(parser)
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP Basic auth")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
                         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_VARIABLE} when set)")
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--disable-gc", action="store_true", help="disable the garbage collector while serving")
@@ -95,14 +102,12 @@ def default_model_name(checkpoint: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qwen.loading import CheckpointError, load_model_and_tokenizer
+    quiet_libraries()  # before the libraries are imported: some log while importing
     from qwen.serving import create_app, serve
 
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
-    except CheckpointError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    with exit_on_user_error():
+        check_port_free(args.server_name, args.server_port)
+        model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, **safety_settings(args))

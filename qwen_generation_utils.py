@@ -12,6 +12,9 @@ import torch
 from transformers import LogitsProcessor
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the system prompt the chat models were trained with
+# The chat models' generation_config.json defaults (Qwen-7B-Chat), used where a checkpoint does not set them.
+DEFAULT_MAX_WINDOW_SIZE = 6144  # prompt tokens kept of a conversation (older turns dropped first)
+DEFAULT_MAX_NEW_TOKENS = 512
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -54,12 +57,46 @@ def eod_id(tokenizer) -> int:
     return qwen_eod if qwen_eod is not None else tokenizer.eos_token_id
 
 
+def chatml_turn(tokenizer, role: str, content: str | None) -> tuple[list[int], list[bool]]:
+    """One ChatML turn "<|im_start|>role\\ncontent<|im_end|>" as ids, and which ids a fine-tune learns.
+
+    content None: the open turn a reply is generated into ("<|im_start|>role\\n"). The label mask is the
+    original finetune.py's: <|im_start|> and <|im_end|> of every turn are learned, the role line never, the
+    content only in assistant turns.
+    """
+    im_start, im_end = chatml_ids(tokenizer)
+    head = [*encode_plain(tokenizer, role), *encode_plain(tokenizer, "\n")]
+    if content is None:
+        return [im_start, *head], [True] + [False] * len(head)
+    body = encode_plain(tokenizer, content)
+    ids = [im_start, *head, *body, im_end]
+    return ids, [True] + [False] * len(head) + [role == "assistant"] * len(body) + [True]
+
+
+def render_chatml(
+    tokenizer, turns: Sequence[tuple[str, str]], system: str = DEFAULT_SYSTEM
+) -> tuple[list[int], list[bool]]:
+    """A whole conversation for training: ids of the system turn and `turns` [(role, content), ...], each turn
+    followed by "\\n", and a per-token mask of the ids a fine-tune learns (labels = ids where the mask is set).
+
+    The same tokens make_context() builds for inference, so training and serving see one layout. The newline
+    after a turn is learned exactly when the turn's <|im_end|> is (always, as in the original preprocess()).
+    """
+    nl = encode_plain(tokenizer, "\n")
+    ids, mask = [], []
+    for role, content in [("system", system), *turns]:
+        turn_ids, turn_mask = chatml_turn(tokenizer, role, content)
+        ids += turn_ids + nl
+        mask += turn_mask + [True] * len(nl)
+    return ids, mask
+
+
 def make_context(
     tokenizer,
     query: str,
     history: History | None = None,
     system: str = "",
-    max_window_size: int = 6144,
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:
     """Build the prompt for `query` after `history` [(query, response), ...]: returns (raw_text, context_tokens).
@@ -72,13 +109,10 @@ def make_context(
     if chat_format == "raw":
         return query, encode_plain(tokenizer, query)
 
-    im_start, im_end = chatml_ids(tokenizer)
     nl = encode_plain(tokenizer, "\n")
 
     def turn(role: str, content: str) -> tuple[str, list[int]]:
-        """One ChatML turn, "<|im_start|>role\\ncontent<|im_end|>", as text and ids."""
-        ids = [im_start, *encode_plain(tokenizer, role), *nl, *encode_plain(tokenizer, content), im_end]
-        return f"{IM_START}{role}\n{content}{IM_END}", ids
+        return f"{IM_START}{role}\n{content}{IM_END}", chatml_turn(tokenizer, role, content)[0]
 
     system_text, system_tokens = turn("system", system)
     history_text, history_tokens = "", []
@@ -93,7 +127,7 @@ def make_context(
 
     query_text, query_tokens = turn("user", query)
     raw_text = f"{system_text}{history_text}\n{query_text}\n{IM_START}assistant\n"
-    assistant_open = [im_start, *encode_plain(tokenizer, "assistant"), *nl]
+    assistant_open = chatml_turn(tokenizer, "assistant", None)[0]
     context_tokens = system_tokens + history_tokens + nl + query_tokens + nl + assistant_open
     return raw_text, context_tokens
 
@@ -250,7 +284,7 @@ class IncrementalDetokenizer:
 
 
 def make_continuation_context(
-    tokenizer, history: History, system: str = "", max_window_size: int = 6144
+    tokenizer, history: History, system: str = "", max_window_size: int = DEFAULT_MAX_WINDOW_SIZE
 ) -> tuple[str, list[int]]:
     """ChatML prompt that continues the last assistant reply of `history` (its <|im_end|> left off).
 

@@ -9,15 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwen.scripts import (
+    add_checkpoint_args,
+    check_port_free,
+    exit_on_user_error,
+    load_checkpoint,
+    port,
+    quiet_libraries,
+)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
-    parser.add_argument("-c", "--checkpoint-path", default=None,
-                        help="hub id or checkpoint directory (default: the offline demo model)")
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    add_checkpoint_args(parser)
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
@@ -33,7 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.auth is None or all(args.auth.partition(":")[::2]),
          "--auth must be USER:PASSWORD with neither part empty (an empty password would let anyone in)"),
-        (0 <= args.server_port <= 65535, "--server-port must be in 0..65535"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
@@ -48,20 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()  # before the libraries are imported: some log while importing
     from dataclasses import replace
 
-    from transformers.utils import logging as hf_logging
-
     from qwen.engine import Engine, model_context_length
-    from qwen.loading import CheckpointError, checkpoint_name, load_model_and_tokenizer
+    from qwen.loading import checkpoint_name
     from qwen.webui import WebChat, build_demo
 
-    hf_logging.set_verbosity_error()
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
-    except CheckpointError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    with exit_on_user_error():
+        check_port_free(args.server_name, args.server_port)
+        model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
                     max_context=model_context_length(model), decodable_tokens=len(tokenizer))
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
@@ -71,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.defaults = replace(chat.defaults, **overrides)
     demo = build_demo(chat, concurrency=args.concurrency)
     engine.start()
+    # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
+    host = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
+    print(f"Chat page on http://{host}:{args.server_port}"
+          + ("" if args.share else "  (add --share for a public gradio.live link)"), flush=True)
     try:
         demo.queue(max_size=max(64, args.concurrency)).launch(
             server_name=args.server_name, server_port=args.server_port, share=args.share,
             inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-            ssr_mode=False, show_error=True,
+            ssr_mode=False, show_error=True, quiet=True,
         )
     except OSError as exc:  # e.g. the port is taken
         print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "

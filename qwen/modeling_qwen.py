@@ -34,6 +34,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from qwen_generation_utils import (
+    DEFAULT_MAX_WINDOW_SIZE,
     DEFAULT_SYSTEM,
     IncrementalDetokenizer,
     StopWordsLogitsProcessor,
@@ -588,7 +589,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 f"chat() needs a chat model (generation_config.chat_format == 'chatml'); this one is {chat_format!r}, "
                 "a base model: use model.generate() on plain text, or load the -Chat checkpoint."
             )
-        max_window_size = kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", 6144)
+        max_window_size = kwargs.pop("max_window_size", None) or getattr(
+            generation_config, "max_window_size", DEFAULT_MAX_WINDOW_SIZE
+        )
         unused = generation_config.update(**kwargs)  # per-call overrides (max_new_tokens, top_p, ...)
         if generation_config.eos_token_id is None:  # e.g. a demo model with another tokenizer
             generation_config.eos_token_id = eod_id(tokenizer)

@@ -8,7 +8,7 @@ Request side:  normalize_tools() → select_tools() (tool_choice) → parse_mess
                system), and stop_words_for(tools) for generation.
 Response side: parse_response(text) for a whole answer, ReActStreamParser for a stream of text deltas.
 
-Format facts (query/history/system, the parsed messages) are pinned by ../shared/reference/react_golden.json.
+Format facts (query/history/system, the parsed messages) are pinned by tests/data/react_golden.json.
 """
 
 from __future__ import annotations

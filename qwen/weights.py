@@ -11,22 +11,42 @@ import torch
 
 from .configuration_qwen import QWenConfig
 
-# QWen name -> Llama/Qwen2 name; "{i}" is the layer index. One-to-one renames only.
-QWEN_TO_HF_NAMES = {
-    "transformer.wte.weight": "model.embed_tokens.weight",
-    "transformer.ln_f.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "transformer.h.{i}.ln_1.weight": "model.layers.{i}.input_layernorm.weight",
-    "transformer.h.{i}.ln_2.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "transformer.h.{i}.attn.c_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "transformer.h.{i}.mlp.w2.weight": "model.layers.{i}.mlp.gate_proj.weight",  # w2 is the SiLU gate
-    "transformer.h.{i}.mlp.w1.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "transformer.h.{i}.mlp.c_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
+# Every tensor of a QWen checkpoint: (QWen name, Llama/Qwen2 name, shape), "{i}" the layer, "{kind}" weight|bias.
+# Shape symbols: qkv = 3 * heads * head_dim, attn = heads * head_dim, ffn = intermediate_size // 2 (as in the
+# hub's Qwen-7B-Chat model.safetensors.index.json). The fused c_attn has no one-to-one Llama name: its rows are
+# [q; k; v] (the original splits its output in that order) -> HF_SPLIT_QKV.
+QWEN_TENSORS = (
+    ("transformer.wte.weight", "model.embed_tokens.weight", ("vocab", "hidden")),
+    ("transformer.h.{i}.ln_1.weight", "model.layers.{i}.input_layernorm.weight", ("hidden",)),
+    ("transformer.h.{i}.attn.c_attn.weight", None, ("qkv", "hidden")),
+    ("transformer.h.{i}.attn.c_attn.bias", None, ("qkv",)),
+    ("transformer.h.{i}.attn.c_proj.weight", "model.layers.{i}.self_attn.o_proj.weight", ("hidden", "attn")),
+    ("transformer.h.{i}.ln_2.weight", "model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    ("transformer.h.{i}.mlp.w1.weight", "model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
+    ("transformer.h.{i}.mlp.w2.weight", "model.layers.{i}.mlp.gate_proj.weight", ("ffn", "hidden")),  # SiLU gate
+    ("transformer.h.{i}.mlp.c_proj.weight", "model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
+    ("transformer.ln_f.weight", "model.norm.weight", ("hidden",)),
+    ("lm_head.weight", "lm_head.weight", ("vocab", "hidden")),
+)
+# QWen name -> Llama/Qwen2 name, one-to-one renames only.
+QWEN_TO_HF_NAMES = {qwen: hf for qwen, hf, _ in QWEN_TENSORS if hf is not None}
+# QWen name -> shape symbols (the tiny-checkpoint maker reads this).
+QWEN_TENSOR_SHAPES = {qwen: dims for qwen, _, dims in QWEN_TENSORS}
 
-# The fused projection: c_attn rows are [q; k; v] (the original splits its output in that order).
 QWEN_FUSED_QKV = "transformer.h.{i}.attn.c_attn.{kind}"
 HF_SPLIT_QKV = tuple(f"model.layers.{{i}}.self_attn.{p}_proj.{{kind}}" for p in "qkv")
+
+
+def tensor_sizes(config) -> dict[str, int]:
+    """Values of the shape symbols of QWEN_TENSORS for a QWenConfig."""
+    attn = config.num_attention_heads * config.kv_channels
+    return {
+        "vocab": config.vocab_size,
+        "hidden": config.hidden_size,
+        "qkv": 3 * attn,
+        "attn": attn,
+        "ffn": config.intermediate_size // 2,
+    }
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -163,4 +183,4 @@ def llama_to_qwen(llama_config, state_dict: dict[str, torch.Tensor], **overrides
     return config, converted
 
 
-__all__ = ["qwen_to_qwen2", "llama_to_qwen", "QWEN_TO_HF_NAMES"]
+__all__ = ["qwen_to_qwen2", "llama_to_qwen", "QWEN_TENSORS", "QWEN_TO_HF_NAMES", "QWEN_TENSOR_SHAPES", "tensor_sizes"]

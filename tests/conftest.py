@@ -6,17 +6,17 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repo with shared/ beside it; a developer checkout has it at the same place.
-REFERENCE = Path(os.environ.get("QWEN_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+# Golden data produced by the original 2023 code (see tests/data/README.md); part of the repository.
+REFERENCE = REPO / "tests" / "data"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture(scope="session")
-def reference_dir() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.fail(f"golden reference data not found at {REFERENCE}; set QWEN_REFERENCE_DIR")
-    return REFERENCE
+def require_program(path: str, install: str) -> None:
+    """Skip (fail under CI, which installs everything) a test whose system program is missing, naming the install."""
+    if not Path(path).exists():
+        message = f"needs {path}, missing here: install it with `{install}`"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
 
 
 def load_reference(name: str) -> dict:

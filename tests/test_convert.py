@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from qwen.convert import HUB_AUTO_MAP, HUB_GENERATION_CONFIG, HUB_VOCAB_SIZE, main, make_tiny_checkpoint
+from qwen.checkpoints import HUB_AUTO_MAP, HUB_GENERATION_CONFIG, HUB_VOCAB_SIZE, make_tiny_checkpoint
+from qwen.convert import main
 
 TINY = {"hidden": 32, "heads": 4, "layers": 2, "intermediate": 64}
 
@@ -143,3 +144,11 @@ def test_cli_tiny_command(tmp_path, capsys):
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
     assert main(["tiny", str(tmp_path / "bad"), "--hidden", "30", "--heads", "4"]) == 2
     assert "multiple of heads" in capsys.readouterr().err
+
+
+def test_convert_llama_given_a_qwen_checkpoint_says_so(tmp_path, capsys):
+    source = make_tiny_checkpoint(tmp_path / "tiny")
+    assert main(["llama", str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "already a QWen checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ def demo(demo_checkpoint):
 @pytest.fixture(scope="module")
 def llama_from_gguf(demo_checkpoint):
     """transformers' own LlamaForCausalLM and tokenizer, read from the GGUF the demo was converted from."""
-    from qwen.convert import load_llama
+    from qwen.checkpoints import load_llama
 
     return load_llama(demo_gguf(demo_checkpoint.parent))
 
@@ -79,7 +79,7 @@ def test_logits_equal_transformers_llama_from_the_same_gguf(demo, llama_from_ggu
 
 
 def test_converting_twice_gives_identical_files(llama_from_gguf, tmp_path):
-    from qwen.convert import convert_llama
+    from qwen.checkpoints import convert_llama
 
     llama, tokenizer = llama_from_gguf
     digests = []

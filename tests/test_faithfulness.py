@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
-from qwen.modeling_qwen import QWenLMHeadModel
+from qwen.modeling_qwen import QWenLMHeadModel, native_cuda_dtype
 
 # ------------------------------------------------------------------------------------------------------------
 # An independent reference of the original forward pass (one sequence, no cache, fp32)
@@ -109,6 +110,11 @@ def random_model(seed=0, **overrides) -> tuple[dict, QWenLMHeadModel]:
     return config, model
 
 
+def machine_default_dtype() -> torch.dtype:
+    """What the original picks with no precision flag: the GPU's native half precision, else fp32."""
+    return native_cuda_dtype() if torch.cuda.is_available() else torch.float32
+
+
 def random_ids(length, seed=1):
     return torch.randint(0, TINY["vocab_size"], (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -138,10 +144,10 @@ def _decode_errors(model, config, ids, prompt, check):
     """Prefill `prompt` tokens, then decode one token at a time; max |ours - reference| at the checked lengths."""
     errors = {}
     with torch.no_grad():
-        cache = model(torch.tensor([ids[:prompt]]), use_cache=True).past_key_values
+        cache = output_cache(model(torch.tensor([ids[:prompt]]), use_cache=True))
         for end in range(prompt + 1, len(ids) + 1):
-            out = model(torch.tensor([ids[end - 1 : end]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(torch.tensor([ids[end - 1 : end]]), use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(out)
             if end in check:
                 expected = reference_logits(config, model.state_dict(), ids[:end])[-1]
                 errors[end] = (out.logits[0, -1] - expected).abs().max().item()
@@ -295,7 +301,7 @@ def test_real_hub_config_loads_with_the_auto_classes_and_matches_the_original(na
     # Without dtype=: the config's precision flag, else fp32 on a machine without CUDA (as the original).
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)
     flagged = [dtype for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if shipped.get(flag)]
-    assert auto.dtype == (flagged[0] if flagged else torch.float32) or torch.cuda.is_available()
+    assert auto.dtype == (flagged[0] if flagged else machine_default_dtype())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from qwen_generation_utils import (
     eod_id,
     get_stop_words_ids,
     make_context,
+    render_chatml,
 )
 
 GOLDEN = load_reference("tokenizer_golden.json")
@@ -267,3 +268,36 @@ def test_streaming_many_tokens_per_push(any_tok):
     pieces.append(stream.finish())
     assert "".join(pieces) == STREAM_TEXT
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+FINETUNE_GOLDEN = load_reference("finetune_golden.json")
+
+
+@pytest.mark.parametrize("case", FINETUNE_GOLDEN["cases"], ids=lambda c: f"{c['conversations'][0]['value'][:16]}|{c['max_len']}")
+def test_render_chatml_ids_and_labels_equal_the_original_preprocess(qwen_tok, case):
+    """Ids and label mask of a whole conversation equal the original finetune.py preprocess(), token for token
+    (up to its truncation at max_len; a leading non-user turn is dropped as the original did)."""
+    turns = [(turn["from"], turn["value"]) for turn in case["conversations"]]
+    if turns[0][0] != "user":
+        turns = turns[1:]
+    ids, mask = render_chatml(qwen_tok, turns, system=case["system"])
+    labels = [i if learned else FINETUNE_GOLDEN["ignore_index"] for i, learned in zip(ids, mask, strict=True)]
+    length = min(len(ids), case["max_len"])
+    assert ids[:length] == case["input_ids"][:length]
+    assert labels[:length] == case["labels"][:length]
+    assert len(case["input_ids"]) == case["max_len"] or len(case["input_ids"]) == len(ids)
+
+
+def test_render_chatml_is_the_inference_layout(qwen_tok):
+    """Training ids of a conversation start with make_context()'s prompt for its last query: one ChatML layout."""
+    history = [("What is the capital of France?", "Paris."), ("And of Germany?", "Berlin.")]
+    _, prompt = make_context(qwen_tok, "And of Spain?", history=history, system="sys")
+    turns = [(role, text) for query, reply in history for role, text in (("user", query), ("assistant", reply))]
+    ids, _ = render_chatml(qwen_tok, [*turns, ("user", "And of Spain?"), ("assistant", "Madrid.")], system="sys")
+    assert ids[: len(prompt)] == prompt
+
+
+def test_render_chatml_keeps_special_token_text_plain(qwen_tok):
+    ids, mask = render_chatml(qwen_tok, [("user", INJECTION), ("assistant", INJECTION)])
+    assert ids.count(qwen_tok.im_start_id) == 3 and ids.count(qwen_tok.im_end_id) == 3
+    assert qwen_tok.eod_id not in ids

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen.convert import make_tiny_checkpoint
+from qwen.checkpoints import make_tiny_checkpoint
 from qwen.loading import (
     CheckpointError,
     check_checkpoint,

@@ -1,0 +1,24 @@
+"""Every error a person can fix: what is wrong and what to do, in the message.
+
+Scripts catch `UserError` at their top (`qwen.scripts.exit_on_user_error`), print the message on one line
+and exit 2; a server answers 4xx. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake a person can fix (a path, a flag, a file's content); the message says what to do."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or a device / dtype choice) that cannot be loaded."""
+
+
+class DataError(UserError):
+    """A data file (fine-tuning, calibration, evaluation) that cannot be used: names the file and the sample."""
+
+
+class UsageError(UserError):
+    """Flags that cannot work together, or a value out of range."""
+
+
+__all__ = ["CheckpointError", "DataError", "UsageError", "UserError"]

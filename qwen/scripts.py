@@ -1,0 +1,97 @@
+"""What every entry script shares: the checkpoint flags, quiet library logging, and "a user error prints one
+line and exits 2".
+
+    parser = argparse.ArgumentParser(...)
+    add_checkpoint_args(parser)                    # -c/--checkpoint-path, --cpu-only, --dtype, --device
+    args = parser.parse_args(argv)
+    with exit_on_user_error():                     # qwen.errors.UserError -> "Error: ..." on stderr, exit 2
+        model, tokenizer = load_checkpoint(args)
+"""
+
+import argparse
+import contextlib
+import logging
+import sys
+
+from .errors import UserError
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+EXIT_USER_ERROR = 2  # as argparse: a usage mistake
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool = True) -> None:
+    """-c/--checkpoint-path (default: the offline demo model), --cpu-only, --dtype and --device."""
+    default = "the offline demo model" if demo_default else "required"
+    parser.add_argument("-c", "--checkpoint-path", default=None,
+                        help=f"hub id or checkpoint directory (default: {default})")
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="weights' precision (auto: bf16 / fp16 on a GPU as the original, fp32 on the CPU)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N, mps, or auto (default: every GPU when there is one, else cpu)")
+
+
+def load_checkpoint(args: argparse.Namespace, **kwargs):
+    """(model, tokenizer) for the flags add_checkpoint_args() added; raises CheckpointError for a bad one."""
+    from .loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(
+        args.checkpoint_path, cpu_only=args.cpu_only, dtype=args.dtype, device=args.device, **kwargs
+    )
+
+
+def port(value: str) -> int:
+    """argparse type of --server-port: an integer in 0..65535, checked before any model is loaded."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port: use 0..65535 (default 8000)")
+    return number
+
+
+def check_port_free(host: str, number: int) -> None:
+    """UsageError naming --server-port when host:number cannot be listened on (checked before loading a model)."""
+    import socket
+
+    from .errors import UsageError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT does not count
+        try:
+            probe.bind((host, number))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on {host}:{number} ({exc.strerror or exc}): pick another --server-port, or stop "
+                "the program using it."
+            ) from None
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter out of a person's terminal. Call first thing in main(), before heavy imports (some
+    libraries log while being imported, e.g. bitsandbytes on CPUs without its optional kernels).
+
+    transformers' own logging shows errors only; Python warnings (FutureWarning, ...) go to the `py.warnings`
+    logger; any library logger without handlers of its own reaches stderr from ERROR up.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.captureWarnings(True)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Turn a qwen.errors.UserError into one line on stderr and SystemExit(2); anything else propagates."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+__all__ = ["add_checkpoint_args", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
