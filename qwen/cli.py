@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_SYSTEM
+from qwen_generation_utils import DEFAULT_SYSTEM, undecodable_ids
 
 from .chat_backend import StopStrings
 
@@ -147,10 +147,8 @@ class ChatSession:
         never sampled."""
         config = copy.deepcopy(self.config)
         config.stop_strings = None
-        head = getattr(self.model, "get_output_embeddings", lambda: None)()
-        rows = getattr(head, "out_features", None)
-        if self.tokenizer is not None and rows and rows > len(self.tokenizer):
-            config.suppress_tokens = [*(config.suppress_tokens or []), *range(len(self.tokenizer), rows)]
+        if self.tokenizer is not None and (padding := undecodable_ids(self.tokenizer, self.model)):
+            config.suppress_tokens = [*(config.suppress_tokens or []), *padding]
         return config
 
     def stream(self, query: str) -> Iterator[str]:
