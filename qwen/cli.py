@@ -120,6 +120,8 @@ def apply_conf(config: GenerationConfig, updates: dict[str, Any]) -> GenerationC
         setattr(new, key, value)
     if new.temperature == 0:  # the OpenAI convention: temperature 0 means greedy
         new.do_sample, new.temperature = False, None
+    elif updates.get("temperature") is not None and "do_sample" not in updates:
+        new.do_sample = True  # asking for a temperature above 0 asks for sampling (the API server's meaning too)
     try:
         new.validate()  # not strict: sampling knobs left set under greedy decoding are harmless
     except (ValueError, TypeError) as exc:

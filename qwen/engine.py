@@ -25,8 +25,9 @@ import collections
 import inspect
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
 from .compat import cache_kwargs
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
 
 
 class QueueFullError(RuntimeError):
@@ -86,6 +88,30 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid sampling parameters: {message}")
+
+    @classmethod
+    def resolve(cls, requested: Mapping[str, Any], checkpoint=None) -> SamplingParams:
+        """Each field from the request, else the checkpoint's generation_config, else the built-in default.
+
+        `requested` holds field names of this class (None = unset); `checkpoint` is a GenerationConfig (or None).
+        A checkpoint that does not sample means temperature 0, and so does a temperature below GREEDY_BELOW.
+        A new sampling option is a field here and a field of the same name in the API schema, nothing more.
+        """
+
+        def from_checkpoint(name: str):
+            if name == "temperature" and getattr(checkpoint, "do_sample", None) is False:
+                return 0.0
+            return getattr(checkpoint, name, None)
+
+        values = {}
+        for name in (f.name for f in fields(cls)):
+            value = requested.get(name)
+            value = from_checkpoint(name) if value is None else value
+            if value is not None:
+                values[name] = value
+        if values.get("temperature", 1.0) < GREEDY_BELOW:
+            values["temperature"] = 0.0
+        return cls(**values)
 
     @property
     def uses_penalties(self) -> bool:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .engine import SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on `stop`
 
@@ -148,6 +151,10 @@ class _SamplingRequest(OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
+
+    def sampling_request(self) -> dict[str, Any]:
+        """The fields this request shares by name with the engine's SamplingParams (None = unset)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingParams) if f.name in type(self).model_fields}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

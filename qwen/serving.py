@@ -225,19 +225,14 @@ class OpenAIServer(ChatBackend):
                                 top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams of choice number `choice`: request fields, else the checkpoint's generation_config."""
         try:
-            return self.sampling_params(
-                max_new_tokens=max_new_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                seed=choice_seed(request.seed, choice),
-                stop_token_ids=stop_token_ids,
-                logprobs=logprobs,
-                top_logprobs=top_logprobs,
-            )
+            return self.sampling_params(**{
+                **request.sampling_request(),
+                "max_new_tokens": max_new_tokens,
+                "seed": choice_seed(request.seed, choice),
+                "stop_token_ids": stop_token_ids,
+                "logprobs": logprobs,
+                "top_logprobs": top_logprobs,
+            })  # fmt: skip
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 

@@ -37,6 +37,13 @@ def test_apply_conf_validates_and_keeps_the_original():
         apply_conf(base, {"early_stopping": "bogus"})
 
 
+def test_a_temperature_above_zero_turns_sampling_on():
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=512)  # e.g. the demo model's default
+    assert apply_conf(greedy, {"temperature": 0.7}).do_sample is True
+    assert apply_conf(greedy, {"temperature": 0.7, "do_sample": False}).do_sample is False  # said explicitly
+    assert apply_conf(greedy, {"top_p": 0.5}).do_sample is False
+
+
 class FakeStreamingModel:
     """Stands in for the model so the REPL's wiring can be checked without weights."""
 
