@@ -10,10 +10,10 @@ import pytest
 import requests
 import schemathesis
 import torch
+from conftest import ServerThread
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
-from test_openai_api import ServerThread
 
 from qwen.convert import make_tiny_checkpoint
 from qwen.loading import load_model_and_tokenizer

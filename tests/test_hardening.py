@@ -16,8 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import REPO
-from test_openai_api import WEATHER_TOOL, ScriptedLM, ServerThread, free_port
+from conftest import REPO, WEATHER_TOOL, ScriptedLM, ServerThread, free_port
 
 from qwen.convert import make_tiny_checkpoint
 from qwen.engine import Engine, SamplingParams

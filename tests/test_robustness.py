@@ -4,8 +4,8 @@ import threading
 
 import openai
 import pytest
+from conftest import ScriptedLM, ServerThread
 from test_engine import _build
-from test_openai_api import ScriptedLM, ServerThread
 
 from qwen import engine as engine_module
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
