@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .quantize import check_gptq_checkpoint, describe_model
+from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -217,11 +217,13 @@ def load_model_and_tokenizer(
         path = _demo_path()
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
-    check_checkpoint(path)
+    config = check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device)
     if device != "cpu":
         model_kwargs.setdefault("device_map", device)  # straight onto the GPU(s), not through the CPU
+    for key, value in gptq_load_kwargs(config, device).items():  # GPTQ: the kernel for this device
+        model_kwargs.setdefault(key, value)
     if use_cache_quantization is not None:
         model_kwargs["use_cache_quantization"] = use_cache_quantization  # a config.json override
     try:

@@ -24,6 +24,7 @@ GPTQ_BITS = (4, 8)
 GPTQ_GROUP_SIZE = 128
 # The calibration the original run_gptq.py used (auto-gptq BaseQuantizeConfig): kept for the same results.
 GPTQ_DAMP_PERCENT = 0.01
+CPU_BACKEND = "gptq_torch"  # GPT-QModel's BACKEND.GPTQ_TORCH: TorchLinear
 INSTALL_HINT = "pip install -r requirements-gptq.txt (GPT-QModel and optimum)"
 # Files of a checkpoint that are not weights and that a quantized copy keeps as they are.
 HUB_SIDE_FILES = ("generation_config.json", "tokenizer_config.json", "qwen.tiktoken")
@@ -77,6 +78,18 @@ def check_gptq_checkpoint(path: Path, config: dict) -> None:
         raise CheckpointError(
             f"{path} is a GPTQ Int{bits} checkpoint; loading it needs {' and '.join(missing)}: {INSTALL_HINT}."
         )
+
+
+def gptq_load_kwargs(config: dict, device: str) -> dict:
+    """from_pretrained keyword arguments for a GPTQ checkpoint: on the CPU, GPT-QModel's torch kernel (it computes
+    in the activations' dtype, so fp32 on the CPU is exact; its int4 ATen kernel rounds activations to bf16). On a
+    GPU GPT-QModel picks its fastest kernel for the card (Marlin, ExLlama v2, Triton, ...)."""
+    quantization = gptq_quantization(config)
+    if quantization is None or device != "cpu":
+        return {}
+    from transformers import GPTQConfig
+
+    return {"quantization_config": GPTQConfig(bits=quantization["bits"], backend=CPU_BACKEND)}
 
 
 def model_gptq(model) -> dict | None:
@@ -217,6 +230,7 @@ __all__ = [
     "check_gptq_checkpoint",
     "describe_model",
     "gptq_config",
+    "gptq_load_kwargs",
     "gptq_quantization",
     "kernel_name",
     "model_gptq",
