@@ -25,6 +25,7 @@ GPTQ_GROUP_SIZE = 128
 # The calibration the original run_gptq.py used (auto-gptq BaseQuantizeConfig): kept for the same results.
 GPTQ_DAMP_PERCENT = 0.01
 CPU_BACKEND = "gptq_torch"  # GPT-QModel's BACKEND.GPTQ_TORCH: TorchLinear
+TRAINABLE_BACKEND = "auto_trainable"  # GPT-QModel's best kernel that supports backward (Q-LoRA on a GPU)
 INSTALL_HINT = "pip install -r requirements-gptq.txt (GPT-QModel and optimum)"
 # Files of a checkpoint that are not weights and that a quantized copy keeps as they are.
 HUB_SIDE_FILES = ("generation_config.json", "tokenizer_config.json", "qwen.tiktoken")
@@ -80,16 +81,20 @@ def check_gptq_checkpoint(path: Path, config: dict) -> None:
         )
 
 
-def gptq_load_kwargs(config: dict, device: str) -> dict:
-    """from_pretrained keyword arguments for a GPTQ checkpoint: on the CPU, GPT-QModel's torch kernel (it computes
-    in the activations' dtype, so fp32 on the CPU is exact; its int4 ATen kernel rounds activations to bf16). On a
-    GPU GPT-QModel picks its fastest kernel for the card (Marlin, ExLlama v2, Triton, ...)."""
+def gptq_load_kwargs(config: dict, device: str, trainable: bool = False) -> dict:
+    """from_pretrained keyword arguments for a GPTQ checkpoint (config.json as a dict), {} for any other.
+
+    On the CPU: GPT-QModel's torch kernel, which computes in the activations' dtype (fp32 on the CPU is exact; its
+    int4 ATen kernel would round activations to bf16) and trains (Q-LoRA). On a GPU: GPT-QModel's fastest kernel
+    for the card (Marlin, ExLlama v2, ...), or with trainable=True (Q-LoRA) the fastest one with a backward pass.
+    """
     quantization = gptq_quantization(config)
-    if quantization is None or device != "cpu":
+    if quantization is None or (device != "cpu" and not trainable):
         return {}
     from transformers import GPTQConfig
 
-    return {"quantization_config": GPTQConfig(bits=quantization["bits"], backend=CPU_BACKEND)}
+    backend = CPU_BACKEND if device == "cpu" else TRAINABLE_BACKEND
+    return {"quantization_config": GPTQConfig(bits=quantization["bits"], backend=backend)}
 
 
 def model_gptq(model) -> dict | None:
