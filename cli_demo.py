@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen.cli import ChatSession, Repl, UserInputError, apply_conf
-from qwen.errors import CheckpointError
-from qwen.scripts import add_checkpoint_args, load_checkpoint, quiet_libraries
+from qwen.scripts import add_checkpoint_args, exit_on_user_error, load_checkpoint, quiet_libraries
 from qwen_generation_utils import DEFAULT_SYSTEM
 
 
@@ -30,16 +28,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()  # keep library warnings out of the conversation
+    quiet_libraries()  # keep library warnings out of the conversation (before the libraries are imported)
+    from qwen.cli import ChatSession, Repl, UserInputError, apply_conf
+
     overrides = {
         key: value
         for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
         if (value := getattr(args, key)) is not None
     }
-    try:
+    with exit_on_user_error():
         model, tokenizer = load_checkpoint(args)
+    try:
         config = apply_conf(model.generation_config, overrides)
-    except (CheckpointError, UserInputError) as exc:
+    except UserInputError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed)

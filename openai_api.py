@@ -51,11 +51,11 @@ def default_model_name(checkpoint: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()  # before the libraries are imported: some log while importing
     import uvicorn
 
     from qwen.serving import create_app
 
-    quiet_libraries()
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
         model, tokenizer = load_checkpoint(args)

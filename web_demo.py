@@ -53,13 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()  # before the libraries are imported: some log while importing
     from dataclasses import replace
 
     from qwen.engine import Engine, model_context_length
     from qwen.loading import checkpoint_name
     from qwen.webui import WebChat, build_demo
 
-    quiet_libraries()
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
         model, tokenizer = load_checkpoint(args)
@@ -72,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.defaults = replace(chat.defaults, **overrides)
     demo = build_demo(chat, concurrency=args.concurrency)
     engine.start()
+    # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
+    host = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
+    print(f"Chat page on http://{host}:{args.server_port}"
+          + ("" if args.share else "  (add --share for a public gradio.live link)"), flush=True)
     try:
         demo.queue(max_size=max(64, args.concurrency)).launch(
             server_name=args.server_name, server_port=args.server_port, share=args.share,
             inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-            ssr_mode=False, show_error=True,
+            ssr_mode=False, show_error=True, quiet=True,
         )
     except OSError as exc:  # e.g. the port is taken
         print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "

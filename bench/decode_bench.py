@@ -74,10 +74,14 @@ def main():
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, batch 1")  # fmt: skip
     prompt = torch.randint(1, args.vocab_size, (1, args.prompt_tokens), device=args.device)
     with torch.inference_mode():
-        assert torch.equal(  # same weights, same greedy tokens (a sanity check of the comparison)
-            ours.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
-            peer.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
-        )
+        # Same weights, same function (sanity check of the comparison). Logits, not greedy ids: random weights give
+        # near-ties that summation order alone can flip.
+        difference = (ours(prompt).logits.float() - peer(prompt).logits.float()).abs().max().item()
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+        if difference > tolerance:
+            raise SystemExit(f"the two models disagree (max logit difference {difference:.1e} > {tolerance}): "
+                             "the comparison would be meaningless")
+        print(f"same function: max logit difference {difference:.1e}")
         speeds = {"QWenLMHeadModel": [], "Qwen2ForCausalLM": []}
         for _ in range(args.runs):  # alternate, so that machine load hits both alike
             speeds["QWenLMHeadModel"].append(tokens_per_second(ours, prompt, args.new_tokens))

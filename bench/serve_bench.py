@@ -9,6 +9,7 @@ final usage chunk. Prints tokens/s for 1 and N clients, their ratio (target >= 5
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -31,25 +32,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str | None, threads: int) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def running_server(checkpoint: str | None, threads: int):
+    """An openai_api.py child serving on a free port: yields its URL; stopped on any exit, Ctrl-C included."""
     port = free_port()
     command = [sys.executable, str(REPO / "openai_api.py"), "--server-port", str(port), "--max-batch-size", "16"]
     if checkpoint:
         command += ["-c", checkpoint]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"openai_api.py exited with {process.returncode}; run it by hand to see why")
+    # Its own session: a Ctrl-C reaches only us, and we stop it below whatever state it is in.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            if process.poll() is not None:
+                sys.exit(f"openai_api.py exited with {process.returncode}; run it by hand to see why")
+            if time.time() > deadline:
+                sys.exit("openai_api.py did not come up within 300 s")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.terminate()
-    sys.exit("openai_api.py did not come up within 300 s")
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def one_stream(client: openai.AsyncOpenAI, topic: str, max_tokens: int) -> tuple[int, float]:
@@ -94,8 +108,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (OMP_NUM_THREADS)")
     args = parser.parse_args()
 
-    process, url = (None, args.url) if args.url else start_server(args.checkpoint_path, args.threads)
-    try:
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(running_server(args.checkpoint_path, args.threads))
         asyncio.run(run_round(url, 1, 4, 0))  # warm-up
         rounds = {1: [], args.clients: []}
         for r in range(args.rounds):  # interleaved, so a change in machine load hits both alike
@@ -109,12 +123,11 @@ def main() -> int:
                   f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p95 {percentile(ttfts, 95) * 1000:6.0f} ms")
         ratio = speed[args.clients] / speed[1]
         print(f"ratio {args.clients} clients / 1 client: {ratio:.2f}x (target >= 5x)")
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the server child was stopped on the way out
+        sys.exit(130)

@@ -26,7 +26,7 @@ PRECISION_FLAGS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 class QWenConfig(PretrainedConfig):
     model_type = "qwen"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the output field, as transformers names it now and did
     # Reading or writing a legacy name reads or writes the final attribute.
     attribute_map = LEGACY_CONFIG_KEYS
 

@@ -73,15 +73,18 @@ def check_port_free(host: str, number: int) -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter out of a person's terminal: transformers' and Python warnings go to logging, shown
-    only at WARNING level under the `py.warnings` logger when logging is configured, and not on stderr."""
+    """Keep library chatter out of a person's terminal. Call first thing in main(), before heavy imports (some
+    libraries log while being imported, e.g. bitsandbytes on CPUs without its optional kernels).
+
+    transformers' own logging shows errors only; Python warnings (FutureWarning, ...) go to the `py.warnings`
+    logger; any library logger without handlers of its own reaches stderr from ERROR up.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     logging.captureWarnings(True)
-    warnings_logger = logging.getLogger("py.warnings")
-    warnings_logger.propagate = False  # root's default handler would print them again
-    warnings_logger.addHandler(logging.NullHandler())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
 
 
 @contextlib.contextmanager

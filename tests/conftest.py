@@ -12,6 +12,13 @@ REFERENCE = REPO / "tests" / "data"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def require_program(path: str, install: str) -> None:
+    """Skip (fail under CI, which installs everything) a test whose system program is missing, naming the install."""
+    if not Path(path).exists():
+        message = f"needs {path}, missing here: install it with `{install}`"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
 def load_reference(name: str) -> dict:
     return json.loads((REFERENCE / name).read_text(encoding="utf-8"))
 

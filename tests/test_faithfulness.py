@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
-from qwen.modeling_qwen import QWenLMHeadModel
+from qwen.modeling_qwen import QWenLMHeadModel, native_cuda_dtype
 
 # ------------------------------------------------------------------------------------------------------------
 # An independent reference of the original forward pass (one sequence, no cache, fp32)
@@ -108,6 +108,11 @@ def random_model(seed=0, **overrides) -> tuple[dict, QWenLMHeadModel]:
             if name.endswith("bias") or "ln_" in name:
                 param.copy_(torch.randn_like(param) * 0.3 + (1.0 if "ln_" in name else 0.0))
     return config, model
+
+
+def machine_default_dtype() -> torch.dtype:
+    """What the original picks with no precision flag: the GPU's native half precision, else fp32."""
+    return native_cuda_dtype() if torch.cuda.is_available() else torch.float32
 
 
 def random_ids(length, seed=1):
@@ -296,7 +301,7 @@ def test_real_hub_config_loads_with_the_auto_classes_and_matches_the_original(na
     # Without dtype=: the config's precision flag, else fp32 on a machine without CUDA (as the original).
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)
     flagged = [dtype for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if shipped.get(flag)]
-    assert auto.dtype == (flagged[0] if flagged else torch.float32) or torch.cuda.is_available()
+    assert auto.dtype == (flagged[0] if flagged else machine_default_dtype())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
-from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale
+from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale, native_cuda_dtype
 from qwen.weights import llama_to_qwen, qwen_to_qwen2
 
 VOCAB = 128
@@ -360,9 +360,8 @@ def test_precision_follows_config_flags_and_dtype_argument(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(bf16=False, dtype=None)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    expected = torch.float32 if not torch.cuda.is_available() else None
     auto = QWenLMHeadModel.from_pretrained(tmp_path, device_map="auto")
-    assert expected is None or auto.dtype == expected  # auto: fp32 on CPU
+    assert auto.dtype == (native_cuda_dtype() if torch.cuda.is_available() else torch.float32)
 
 
 def test_hub_shaped_checkpoints_load_through_the_auto_classes(tmp_path):
@@ -382,7 +381,8 @@ def test_hub_shaped_checkpoints_load_through_the_auto_classes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", output_loading_info=True)
     assert isinstance(loaded, QWenLMHeadModel)
-    assert torch.cuda.is_available() or loaded.dtype == torch.float32  # no precision flag: fp32 on CPU
+    # no precision flag: the GPU's native half precision, fp32 on CPU
+    assert loaded.dtype == (native_cuda_dtype() if torch.cuda.is_available() else torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():

@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, require_program
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:::gradio.queueing")]  # pandas 3 notes
 
@@ -87,8 +86,7 @@ def server(demo_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's `chromium` or set QWEN_CHROMIUM")
+    require_program(CHROMIUM, "apt-get install chromium (or set QWEN_CHROMIUM to a Chromium binary)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

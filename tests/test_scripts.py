@@ -1,0 +1,75 @@
+"""What every entry script shares (qwen/scripts.py), seen as a person sees it: one-line errors before any model
+loads, a taken port named with --server-port, no library warnings and no hint naming a flag we do not have."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from qwen.checkpoints import make_tiny_checkpoint
+
+SCRIPTS = ["openai_api.py", "web_demo.py"]
+
+
+def run(*command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_out_of_range_port_is_refused_before_loading(script):
+    start = time.perf_counter()
+    done = run(script, "--server-port", "99999", "-c", "/no/such/checkpoint")
+    assert done.returncode == 2
+    assert "--server-port" in done.stderr and "0..65535" in done.stderr and "Traceback" not in done.stderr
+    assert "No such checkpoint" not in done.stderr  # refused before touching the checkpoint
+    assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_taken_port_names_the_flag(script, tiny):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run(script, "-c", tiny, "--server-port", str(port))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pick another --server-port" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_checkpoint_is_one_line(script):
+    done = run(script, "-c", "/no/such/checkpoint", "--server-port", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "Error: No such checkpoint directory: /no/such/checkpoint. Pass a directory holding config.json and the "
+        "weights, or a hub id such as Qwen/Qwen-7B-Chat."
+    ]
+
+
+def test_web_demo_banner_names_our_share_flag(tiny):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "web_demo.py", "-c", tiny, "--server-port", str(port)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        output = ""
+        deadline = time.time() + 180
+        while "Chat page on" not in output and time.time() < deadline and process.poll() is None:
+            output += process.stdout.readline()
+        assert f"Chat page on http://127.0.0.1:{port}" in output and "--share" in output, output
+        time.sleep(3)  # gradio would print its own hint now
+    finally:
+        process.terminate()
+        rest, _ = process.communicate(timeout=30)
+    output += rest
+    assert "share=True" not in output and "Warning" not in output, output
