@@ -70,11 +70,6 @@ def check_gptq_checkpoint(path: Path, config: dict) -> None:
         raise CheckpointError(
             f"{path} is a GPTQ checkpoint with bits={bits!r}; Qwen's GPTQ checkpoints are Int4 or Int8 (bits 4 or 8)."
         )
-    if quantization.get("desc_act"):
-        raise CheckpointError(
-            f"{path} is a GPTQ checkpoint quantized with desc_act=true; the hub's Qwen checkpoints and run_gptq.py "
-            "use desc_act=false. Re-quantize it with run_gptq.py."
-        )
     if missing := missing_gptq_packages():
         raise CheckpointError(
             f"{path} is a GPTQ Int{bits} checkpoint; loading it needs {' and '.join(missing)}: {INSTALL_HINT}."
