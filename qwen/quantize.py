@@ -12,10 +12,12 @@ layout, plus the hub's config / generation config / tokenizer files, so its outp
 Nothing here imports gptqmodel at module import: it is an optional extra (requirements-gptq.txt).
 """
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import CheckpointError, UsageError
@@ -185,8 +187,8 @@ def quantize(
         raise UsageError("no calibration samples: --data_path must hold at least one conversation.")
     if missing := missing_gptq_packages():
         raise UsageError(f"run_gptq.py needs {' and '.join(missing)}: {INSTALL_HINT}.")
-    source = Path(model_path)
-    out = Path(out_path)
+    source = Path(model_path).resolve()
+    out = Path(out_path).resolve()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out_path {out} exists and is not empty: pick a new directory (nothing is overwritten).")
 
@@ -198,9 +200,12 @@ def quantize(
     quantize_config = QuantizeConfig(
         bits=bits, group_size=group_size, desc_act=False, sym=True, damp_percent=GPTQ_DAMP_PERCENT,
     )
-    model = GPTQModel.load(str(source), quantize_config)
-    model.quantize(calibration, batch_size=batch_size)  # GPT-QModel shows a progress bar per layer
-    model.save(str(out))
+    # GPT-QModel writes a ./logs directory wherever it runs: keep it out of the user's working directory
+    # (out/quant_log.csv keeps the per-module losses).
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        model = GPTQModel.load(str(source), quantize_config)
+        model.quantize(calibration, batch_size=batch_size)  # GPT-QModel shows a progress bar per layer
+        model.save(str(out))
     write_hub_layout(source, out, bits, group_size)
     return out
 
