@@ -61,11 +61,12 @@ def calibration_file(tmp_path_factory):
 def run_gptq(tiny, calibration_file, out, bits):
     """The real script in a subprocess, as a person runs it."""
     result = subprocess.run(
-        [sys.executable, "run_gptq.py", "--model_name_or_path", str(tiny), "--data_path", str(calibration_file),
-         "--out_path", str(out), "--bits", str(bits), "--max_len", "64"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=NO_COMPILE,
+        [sys.executable, str(REPO / "run_gptq.py"), "--model_name_or_path", str(tiny), "--data_path",
+         str(calibration_file), "--out_path", out.name, "--bits", str(bits), "--max_len", "64"],
+        cwd=out.parent, capture_output=True, text=True, timeout=600, env=NO_COMPILE,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(out.parent) == [out.name]  # nothing else left in the working directory (GPT-QModel's logs)
     return out
 
 
