@@ -23,6 +23,10 @@ class GenerationError(RuntimeError):
     """The engine failed a request (e.g. out of memory); other requests go on."""
 
 
+class ServerShutdownError(GenerationError):
+    """The server stopped the request because it is shutting down (its grace period ran out)."""
+
+
 class StopStrings:
     """Cuts generated text at the first stop string, across chunks.
 
@@ -158,6 +162,11 @@ class ChatBackend:
                         tokens = []
                 elif event.reason == "error":
                     raise GenerationError(f"generation failed: {event.error}")
+                elif event.reason == "shutdown":
+                    raise ServerShutdownError(
+                        f"the server is shutting down and stopped this answer after {event.completion_tokens} "
+                        "tokens; send the request again (to another instance, or once the server is back)"
+                    )
                 else:
                     text = cutter.push(detokenizer.finish())
                     text += cutter.flush()

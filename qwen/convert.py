@@ -3,14 +3,16 @@
 python -m qwen.convert tiny OUT_DIR [--layers 2 --hidden 64 ...]   # random tiny checkpoint for tests
 python -m qwen.convert llama SRC_DIR_OR_GGUF OUT_DIR               # Llama-layout model -> QWen layout
 python -m qwen.convert demo [--cache-dir DIR]                      # prepare the offline demo model
+python -m qwen.convert to-qwen2 SRC_DIR OUT_DIR                    # QWen -> Qwen2ForCausalLM (vLLM, SGLang)
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .checkpoints import TINY_FORMATS, convert_llama, load_llama, make_tiny_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 
 
 def _command_tiny(args) -> None:
@@ -41,6 +43,31 @@ def _command_demo(args) -> None:
     from .demo import demo_checkpoint
 
     print(demo_checkpoint(args.cache_dir))
+
+
+def _command_to_qwen2(args) -> None:
+    from .export import export_qwen2
+    from .loading import DTYPES
+
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise CheckpointError(f"unknown --dtype {args.dtype!r}; use one of bf16, fp16, fp32.")
+    out = export_qwen2(
+        args.source,
+        args.out_dir,
+        rope=args.rope,
+        max_positions=args.max_positions,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )
+    print(f"Qwen2ForCausalLM checkpoint written to {out} (serve it with vLLM or SGLang as it is)")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    rope = config["rope_parameters"]
+    if rope["rope_type"] == "longrope":
+        seq_length = rope["original_max_position_embeddings"]
+        print(
+            f"note: identical to QWen up to {seq_length} tokens: serve with `--max-model-len {seq_length}` for that. "
+            f"A larger --max-model-len (up to {config['max_position_embeddings']}) makes vLLM use NTK-scaled RoPE "
+            "for every request and has no logN scaling (see examples/serving_vllm.md)."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--cache-dir", default=None, help="default: $QWEN_DEMO_DIR or ~/.cache/qwen/demo")
     demo.set_defaults(run=_command_demo)
 
+    to_qwen2 = commands.add_parser(
+        "to-qwen2", help="export a QWen checkpoint to transformers' Qwen2ForCausalLM layout (vLLM, SGLang)"
+    )
+    to_qwen2.add_argument("source", help="QWen checkpoint directory (e.g. a download of Qwen/Qwen-7B-Chat)")
+    to_qwen2.add_argument("out_dir")
+    to_qwen2.add_argument(
+        "--rope",
+        choices=["longrope", "none"],
+        default="longrope",
+        help="past seq_length: longrope = QWen's NTK at one alpha (default), none = stop at seq_length",
+    )
+    to_qwen2.add_argument(
+        "--max-positions", type=int, default=None, help="longest context served (default: max_position_embeddings)"
+    )
+    to_qwen2.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: as stored)")
+    to_qwen2.set_defaults(run=_command_to_qwen2)
+
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

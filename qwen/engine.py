@@ -102,7 +102,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled" | "error"
+    reason: str  # "stop" | "length" | "cancelled" | "error" | "shutdown" (see Engine.shutdown)
     prompt_tokens: int
     completion_tokens: int  # includes the stop token, which is not emitted as a TokenEvent
     error: str | None = None
@@ -305,13 +305,18 @@ class Engine:
     """
 
     def __init__(
-        self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None
+        self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
+        decodable_tokens: int | None = None,
     ):
+        """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
+        more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
+        rows past the tokenizer are padding that nothing can decode, so they are masked out."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.decodable_tokens = decodable_tokens
         self.max_batch_size, self.max_queue, self.max_context = max_batch_size, max_queue, max_context
         # only the last position's logits are needed; models that support it skip the rest of the lm_head
         accepts = inspect.signature(model.forward).parameters
@@ -328,6 +333,8 @@ class Engine:
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False  # drain(): no new requests, the running ones go on
+        self._stop_reason = "cancelled"  # the FinishEvent reason of requests that shutdown() ends
         # the running batch, owned by whoever runs step()
         self._rows: list[_Sequence] = []
         self._cache: DynamicCache | None = None
@@ -368,7 +375,7 @@ class Engine:
         else:
             generator = torch.Generator(self.device).manual_seed(random.getrandbits(63))
         with self._lock:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise EngineStoppedError("the server is shutting down; retry on another instance or later")
             if self._active >= self.max_queue:
                 raise QueueFullError(
@@ -396,10 +403,16 @@ class Engine:
             self._thread.start()
         return self
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the thread; every request not yet finished ends with "cancelled"."""
+    def drain(self) -> None:
+        """Admit no new requests (submit raises EngineStoppedError); those already submitted go on."""
+        with self._lock:
+            self._draining = True
+
+    def shutdown(self, timeout: float | None = None, reason: str = "cancelled") -> None:
+        """Stop the thread; every request not yet finished ends with FinishEvent(`reason`)."""
         with self._lock:
             self._stopping = True
+            self._stop_reason = reason
             self._work.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -407,7 +420,7 @@ class Engine:
             waiting = list(self._waiting)
             self._waiting.clear()
         for seq in waiting:
-            self._finish(seq, "cancelled")
+            self._finish(seq, reason)
         # the running batch belongs to the engine thread: a thread still in a (long) step cancels it on exit
         if self._thread is None or not self._thread.is_alive():
             self._cancel_rows()
@@ -513,6 +526,8 @@ class Engine:
 
     def _emit_tokens(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token for each of `seqs` (the last rows of the batch), emit it, drop finished rows."""
+        if self.decodable_tokens is not None and self.decodable_tokens < logits.shape[-1]:
+            logits[:, self.decodable_tokens :] = float("-inf")  # padding rows of the output layer: never sampled
         want_logprobs = any(s.params.logprobs or s.params.top_logprobs for s in seqs)
         logprobs = logits.log_softmax(-1) if want_logprobs else [None] * len(seqs)
         for seq, row_logits, row_logprobs in zip(seqs, logits, logprobs, strict=True):
@@ -571,7 +586,7 @@ class Engine:
     def _cancel_rows(self) -> None:
         for seq in self._rows:
             if not seq.handle.finished:
-                self._finish(seq, "cancelled")
+                self._finish(seq, self._stop_reason)
         self._reset_batch()
 
     def _reset_batch(self) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from qwen_generation_utils import undecodable_ids
+
 from .errors import CheckpointError
 from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
 
@@ -231,6 +233,8 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
+    if padding := undecodable_ids(tokenizer, model):  # plain generate() never samples an undecodable id either
+        model.generation_config.suppress_tokens = [*(model.generation_config.suppress_tokens or []), *padding]
     print(describe_model(model, checkpoint_name(str(path))), file=sys.stderr)
     return model.eval(), tokenizer
 

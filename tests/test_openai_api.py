@@ -345,11 +345,11 @@ def test_completions_endpoint(scripted, tokenizer):
     "body, words",
     [
         ("{not json", ["JSON"]),
-        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, ["messages[0].role"]),
-        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, ["temperature"]),
-        ({"model": "m"}, ["messages"]),
-        ({"model": "m", "messages": [{"role": "tool", "content": "42"}]}, ["messages[0]", "tool"]),
-        ({"model": "m", "messages": [{"role": "user", "content": "word " * 2000}]}, ["context window"]),
+        ({"model": "scripted", "messages": [{"role": "wizard", "content": "hi"}]}, ["messages[0].role"]),
+        ({"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, ["temperature"]),
+        ({"model": "scripted"}, ["messages"]),
+        ({"model": "scripted", "messages": [{"role": "tool", "content": "42"}]}, ["messages[0]", "tool"]),
+        ({"model": "scripted", "messages": [{"role": "user", "content": "word " * 2000}]}, ["context window"]),
     ],
 )
 def test_invalid_requests_get_400(scripted, body, words):
@@ -370,8 +370,8 @@ def test_openai_client_sees_bad_request(scripted):
 
 
 def test_auth_and_preflight(tokenizer):
-    app = create_app(ScriptedLM(tokenizer), tokenizer, model_names=["scripted"], api_key="sk-right",
-                     api_auth="alice:secret")
+    app = create_app(ScriptedLM(tokenizer), tokenizer, model_names=["s"], api_key="sk-right",
+                     api_auth="alice:secret", allowed_origins=["http://example.com"])
     with ServerThread(app) as server:
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-right", max_retries=0)
         assert good.chat.completions.create(model="s", messages=[{"role": "user", "content": "hi"}]).choices
@@ -385,7 +385,7 @@ def test_auth_and_preflight(tokenizer):
             "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type"})
         assert preflight.status_code == 200
-        assert preflight.headers["access-control-allow-origin"] in ("*", "http://example.com")
+        assert preflight.headers["access-control-allow-origin"] == "http://example.com"
         # a browser's real request after the preflight: CORS headers on the 401 too, so the page can read it
         denied = httpx.get(server.url + "/v1/models", headers={"Origin": "http://example.com"})
         assert denied.status_code == 401 and "access-control-allow-origin" in denied.headers
@@ -404,7 +404,7 @@ def test_basic_auth_header_parsing():
 def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
     """One slot: a second request gets 429 while a stream runs; closing the stream frees the slot."""
     model = ScriptedLM(tokenizer, delay=0.05)
-    app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
+    app = create_app(model, tokenizer, model_names=["s"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         messages = [{"role": "user", "content": "Count forever."}]
@@ -425,7 +425,7 @@ def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
 
 def test_non_stream_disconnect_frees_slot(tokenizer):
     model = ScriptedLM(tokenizer, delay=0.05)
-    app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
+    app = create_app(model, tokenizer, model_names=["s"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
         body = {"model": "s", "messages": [{"role": "user", "content": "Count forever."}]}
         with pytest.raises(httpx.ReadTimeout):

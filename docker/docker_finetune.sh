@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fine-tuning with the repository's launchers (finetune/*.sh) in the same image, in the foreground.
+#   bash docker/docker_finetune.sh -i qwen:cuda -c /path/to/Qwen-7B-Chat -d ./data.json -o ./output_qwen
+#   bash docker/docker_finetune.sh ... -l finetune_qlora_single_gpu.sh -- --extra-launcher-args
+# The model and the data are mounted read-only; OUTPUT_DIR is the only writable mount and gets the files
+# (mounted where the launchers write, output_qwen/) owned by you (the container runs with your uid; as the image's `qwen` user when you are root).
+# Build the image with --build-arg EXTRAS="api web finetune" (peft, deepspeed).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+USAGE_MORE="-d DATA_FILE -o OUTPUT_DIR [-l LAUNCHER] [-- LAUNCHER_ARGS...]"
+DATA_FILE=""
+OUTPUT_DIR=""
+LAUNCHER="finetune_lora_single_gpu.sh"
+parse_more_args() {
+    case "$1" in
+        -d|--data) DATA_FILE="${2:?-d needs a file}"; SHIFT_BY=2 ;;
+        -o|--output) OUTPUT_DIR="${2:?-o needs a directory}"; SHIFT_BY=2 ;;
+        -l|--launcher) LAUNCHER="${2:?-l needs a launcher name}"; SHIFT_BY=2 ;;
+        *) return 1 ;;
+    esac
+}
+parse_common_args "$@"
+[[ -f "$DATA_FILE" ]] || die "-d DATA_FILE must be an existing training data file (JSON in the ChatML conversation layout)."
+[[ -n "$OUTPUT_DIR" ]] || die "-o OUTPUT_DIR is required: where the fine-tuned weights are written."
+[[ "$LAUNCHER" =~ ^[A-Za-z0-9_.-]+\.sh$ ]] || die "-l takes a launcher file name from finetune/, e.g. finetune_lora_single_gpu.sh."
+mkdir -p "$OUTPUT_DIR"
+OUTPUT_DIR="$(cd "$OUTPUT_DIR" && pwd)"
+DATA_FILE="$(cd "$(dirname "$DATA_FILE")" && pwd)/$(basename "$DATA_FILE")"
+common_run_args
+if [[ "$(id -u)" == 0 ]]; then
+    chown 1000:1000 "$OUTPUT_DIR"      # the image's `qwen` user writes there
+else
+    RUN_ARGS+=(--user "$(id -u):$(id -g)" -e HOME=/tmp -e HF_HOME=/tmp/huggingface)
+fi
+tty_flags=()
+if [[ -t 0 && -t 1 ]]; then tty_flags=(-it); fi
+exec docker run --rm "${tty_flags[@]}" --no-healthcheck --shm-size 8g "${RUN_ARGS[@]}" \
+    --mount "type=bind,source=$DATA_FILE,target=/data/$(basename "$DATA_FILE"),readonly" \
+    --mount "type=bind,source=$OUTPUT_DIR,target=/app/output_qwen" \
+    "$IMAGE_NAME" \
+    bash "finetune/$LAUNCHER" -m "$CONTAINER_CHECKPOINT" -d "/data/$(basename "$DATA_FILE")" \
+    "${EXTRA_ARGS[@]}"
