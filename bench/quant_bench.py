@@ -32,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32), or cuda (bf16/fp16, GPT-QModel's GPU kernels)")
     parser.add_argument("--plot", default="quant_bench.png")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child mode: one variant
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -52,13 +53,14 @@ def measure(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     int8_kv = args.measure == "int8-kv"
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, dtype="fp32", cpu_only=True,
-                                                use_cache_quantization=int8_kv)
+    on_cpu = args.device == "cpu"
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, dtype="fp32" if on_cpu else "auto",
+                                                device=args.device, use_cache_quantization=int8_kv)
 
     def new_cache():
         return Int8KVCache() if int8_kv else DynamicCache()
 
-    ids = torch.tensor([tokenizer.encode((DATA / "quant_text.txt").read_text(encoding="utf-8"))])
+    ids = torch.tensor([tokenizer.encode((DATA / "quant_text.txt").read_text(encoding="utf-8"))], device=model.device)
     with torch.no_grad():  # the cache is used even in one pass: attention reads what the int8 cache stores
         logits = model(ids, use_cache=True, **cache_kwargs(new_cache())).logits
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
@@ -74,12 +76,14 @@ def measure(args) -> dict:
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {
         "variant": args.measure,
+        "device": args.device,
         "perplexity": math.exp(nll.item()),
         "eval_tokens": ids.shape[1],
         "decode_tokens_per_s": args.new_tokens / seconds,
         "kv_cache_bytes": cache_nbytes(cache),
         "weight_bytes": weight_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": 0 if on_cpu else torch.cuda.max_memory_allocated(),
         "greedy_ids": out[0, prompt.shape[1]:].tolist(),
     }
 
@@ -105,6 +109,7 @@ def run_variant(args, variant: str, checkpoint: Path) -> dict:
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += ["--device", args.device]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
@@ -113,7 +118,7 @@ def run_variant(args, variant: str, checkpoint: Path) -> dict:
 
 def report(results: list[dict], plot: str) -> None:
     base = next((r for r in results if r["variant"] == "fp32"), results[0])
-    print(f"\nDemo model, CPU, fp32 activations; ratios against {base['variant']} measured in this run\n")
+    print(f"\nDemo model on {results[0]['device']}; ratios against {base['variant']} measured in this run\n")
     print(f"{'variant':<10} {'perplexity':>10} {'vs fp32':>8} {'tokens/s':>9} {'vs fp32':>8} {'weights MB':>10} "
           f"{'KV cache KB':>11} {'vs fp32':>8} {'peak RSS MB':>11} {'same greedy ids':>15}")
     for r in results:
@@ -122,7 +127,8 @@ def report(results: list[dict], plot: str) -> None:
               f"{r['decode_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>7.2f}x "
               f"{r['weight_bytes'] / 2**20:>10.1f} {r['kv_cache_bytes'] / 1024:>11.1f} "
               f"{r['kv_cache_bytes'] / base['kv_cache_bytes']:>7.1%} {r['peak_rss_bytes'] / 2**20:>11.0f} "
-              f"{same:>8}/{len(base['greedy_ids'])}")
+              f"{same:>8}/{len(base['greedy_ids'])}"
+              + (f"  peak GPU {r['peak_gpu_bytes'] / 2**20:.0f} MB" if r["peak_gpu_bytes"] else ""))
     import matplotlib
 
     matplotlib.use("Agg")
