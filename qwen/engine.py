@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
 
 from .compat import cache_kwargs
+from .kv_cache import Int8KVCache, Int8KVLayer
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
@@ -234,10 +235,22 @@ class _Sequence:
 
 def _check_cache(cache: DynamicCache) -> None:
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, Int8KVLayer):
             raise NotImplementedError(
-                f"the engine batches plain DynamicLayer caches only, the model produced {type(layer).__name__}"
+                f"the engine batches DynamicLayer and Int8KVLayer caches only, the model produced {type(layer).__name__}"
             )
+
+
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    """A layer's stored tensors, each [batch, ..., seq, ...]: keys/values, or the int8 cache's data/scale/zero."""
+    return layer.row_tensors() if isinstance(layer, Int8KVLayer) else [layer.keys, layer.values]
+
+
+def _set_layer_tensors(layer, tensors: list[torch.Tensor]) -> None:
+    if isinstance(layer, Int8KVLayer):
+        layer.set_row_tensors(tensors)
+    else:
+        layer.keys, layer.values = tensors
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -250,7 +263,7 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def _cache_map(cache: DynamicCache, fn) -> None:
     for layer in cache.layers:
-        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        _set_layer_tensors(layer, [fn(t) for t in _layer_tensors(layer)])
 
 
 def _cache_merge(a: DynamicCache, a_mask: torch.Tensor, b: DynamicCache, b_mask: torch.Tensor):
@@ -262,11 +275,11 @@ def _cache_merge(a: DynamicCache, a_mask: torch.Tensor, b: DynamicCache, b_mask:
         return torch.cat([_left_pad(ta, pad_a, 2), _left_pad(tb, pad_b, 2)])
 
     merged = [
-        (stack(la.keys, lb.keys), stack(la.values, lb.values))
+        [stack(ta, tb) for ta, tb in zip(_layer_tensors(la), _layer_tensors(lb), strict=True)]
         for la, lb in zip(a.layers, b.layers, strict=True)
     ]
-    for layer, (keys, values) in zip(a.layers, merged, strict=True):  # assigned only once all succeeded
-        layer.keys, layer.values = keys, values
+    for layer, tensors in zip(a.layers, merged, strict=True):  # assigned only once all succeeded
+        _set_layer_tensors(layer, tensors)
     return a, torch.cat([_left_pad(a_mask, pad_a, 1), _left_pad(b_mask, pad_b, 1)])
 
 
@@ -335,6 +348,9 @@ class Engine:
         accepts = inspect.signature(model.forward).parameters
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self._recompute_check = getattr(model, "needs_cache_recompute", None)
+        # the model's own cache kind: int8 rows when config.use_cache_quantization (qwen.kv_cache)
+        int8 = getattr(model.config, "use_cache_quantization", False)
+        self._new_cache = (lambda: Int8KVCache(model.config)) if int8 else DynamicCache
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -505,7 +521,7 @@ class Engine:
         width = max(len(t) for t in tokens)
         input_ids = torch.tensor([[0] * (width - len(t)) + t for t in tokens], device=self.device)
         mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tokens], device=self.device)
-        cache = DynamicCache()
+        cache = self._new_cache()
         logits = self._forward(input_ids, mask, cache, **self._prefill_kwargs)
         _check_cache(cache)
         if self._rows:

@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import create_causal_mask
@@ -45,8 +45,9 @@ from qwen_generation_utils import (
     undecodable_ids,
 )
 
-from .compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
+from .compat import CACHE_ARG, LEGACY_CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
 from .configuration_qwen import QWenConfig
+from .kv_cache import Int8KVCache, make_cache
 
 logger = logging.get_logger(__name__)
 
@@ -350,8 +351,6 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
         self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
-        if config.use_cache_quantization:
-            logger.warning_once("use_cache_quantization is not implemented here: the KV cache stays unquantized.")
         self.post_init()
 
     def get_input_embeddings(self):
@@ -402,7 +401,7 @@ class QWenModel(QWenPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = make_cache(self.config)  # int8 when config.use_cache_quantization
         past_length = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
@@ -573,6 +572,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
         """GenerationMixin.generate, plus the original's `stop_words_ids` (lists of token ids ending generation)."""
         config = generation_config if generation_config is not None else self.generation_config
+        if self.config.use_cache_quantization and kwargs.get("use_cache", True):
+            # generate() would make a DynamicCache; hand it the int8 one instead (unless the caller passed a cache)
+            if kwargs.get(CACHE_ARG) is None and kwargs.get(LEGACY_CACHE_ARG) is None:
+                kwargs[CACHE_ARG] = Int8KVCache(self.config)
         if stop_words_ids is None:
             stop_words_ids = getattr(config, "stop_words_ids", None)
         if stop_words_ids:
