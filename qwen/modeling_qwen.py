@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import create_causal_mask
