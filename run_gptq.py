@@ -37,7 +37,8 @@ def main(argv=None) -> None:
 
         import qwen  # noqa: F401  registers the QWen tokenizer and model
         from qwen.loading import check_checkpoint, resolve_checkpoint
-        from qwen.quantize import calibration_samples, quantize
+        from qwen.quantize import quantize
+        from qwen.sft import calibration_samples
 
         source = resolve_checkpoint(args.model_name_or_path)
         check_checkpoint(source)

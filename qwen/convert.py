@@ -49,7 +49,7 @@ def _command_demo(args) -> None:
 def _command_merge_lora(args) -> None:
     from .sft import merge_lora
 
-    print(f"merged checkpoint written to {merge_lora(args.adapter_dir, args.out_dir, args.shard_size)}")
+    print(f"merged checkpoint written to {merge_lora(args.adapter_dir, args.out_dir, args.shard_size, args.base)}")
 
 
 def _command_to_qwen2(args) -> None:
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("adapter_dir", help="finetune.py --use_lora output directory (adapter_config.json)")
     merge.add_argument("out_dir")
     merge.add_argument("--shard-size", default="2GB", help="largest weight shard (default 2GB)")
+    merge.add_argument("--base", default=None,
+                       help="full-precision base to merge into instead of the one the adapter names (an adapter "
+                       "trained on Qwen-7B-Chat-Int4 merges into Qwen-7B-Chat)")
     merge.set_defaults(run=_command_merge_lora)
 
     to_qwen2 = commands.add_parser(

@@ -250,7 +250,7 @@ def suppress_undecodable(model, tokenizer) -> None:
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
 
 
-def load_adapter_checkpoint(path: Path, **load_kwargs):
+def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
     """(model, tokenizer) of a LoRA adapter directory (finetune.py --use_lora output): its base checkpoint loaded
     as any other, the adapter merged in (inference runs at the base model's speed), and the tokenizer and
     generation_config saved beside the adapter."""
@@ -265,7 +265,7 @@ def load_adapter_checkpoint(path: Path, **load_kwargs):
     from transformers import AutoTokenizer, GenerationConfig
 
     try:
-        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+        base = base or json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path / ADAPTER_CONFIG} is unreadable or names no base model ({exc}).") from exc
     model, tokenizer = load_model_and_tokenizer(base, **load_kwargs)

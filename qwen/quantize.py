@@ -132,43 +132,6 @@ def describe_model(model, name: str) -> str:
 # Quantizing (run_gptq.py)
 
 
-def calibration_samples(tokenizer, data_path: str | os.PathLike, max_len: int, limit: int | None = None) -> list[dict]:
-    """Calibration inputs from a fine-tuning data file (the original format: [{"conversations": [{"from": "user",
-    "value": ...}, {"from": "assistant", ...}], "system"?: ...}, ...]) rendered by the shared ChatML renderer and cut
-    at max_len tokens, as the original run_gptq.py built them."""
-    from qwen_generation_utils import DEFAULT_SYSTEM, render_chatml
-
-    from .errors import DataError
-
-    path = Path(data_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file (--data_path)")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a JSON list of conversations ({exc})") from None
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{path}: expected a non-empty JSON list of {{\"conversations\": [...]}} samples")
-    samples = []
-    for index, record in enumerate(records[:limit]):
-        turns = record.get("conversations") if isinstance(record, dict) else None
-        if not isinstance(turns, list) or not all(
-            isinstance(t, dict) and t.get("from") in ("user", "assistant") and isinstance(t.get("value"), str)
-            for t in turns
-        ):
-            raise DataError(
-                f"{path}, sample {index}: needs \"conversations\": a list of {{\"from\": \"user\"|\"assistant\", "
-                "\"value\": text}} turns"
-            )
-        pairs = [(t["from"], t["value"]) for t in turns]
-        if pairs and pairs[0][0] != "user":  # as the original preprocess(): a leading non-user turn is dropped
-            pairs = pairs[1:]
-        ids, _ = render_chatml(tokenizer, pairs, system=record.get("system", DEFAULT_SYSTEM))
-        ids = ids[:max_len]
-        samples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    return samples
-
-
 def quantize(
     model_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -231,7 +194,6 @@ def _write_json(path: Path, data: dict) -> None:
 __all__ = [
     "GPTQ_BITS",
     "GPTQ_GROUP_SIZE",
-    "calibration_samples",
     "check_gptq_checkpoint",
     "describe_model",
     "gptq_config",

@@ -298,6 +298,16 @@ def load_conversations(path, default_system: str = DEFAULT_SYSTEM) -> list[tuple
     return [conversation(record, where, default_system) for where, record in read_records(path)]
 
 
+def calibration_samples(tokenizer, data_path: str | os.PathLike, max_len: int, limit: int | None = None) -> list[dict]:
+    """Calibration inputs from a fine-tuning data file (any format finetune.py reads, validated the same way),
+    rendered by the shared ChatML renderer and cut at max_len tokens, as the original run_gptq.py built them."""
+    samples = []
+    for system, turns in load_conversations(data_path)[:limit]:
+        ids = encode_conversation(tokenizer, system, turns, max_len).input_ids
+        samples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return samples
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """The tokenized samples of one data file; cut samples are counted, ones with no answer left dropped."""
 
@@ -410,13 +420,33 @@ def _train_dtype(training_args) -> torch.dtype:
     return torch.float16 if training_args.fp16 else torch.float32
 
 
+def _gptq_checkpoint(name: str | None) -> dict | None:
+    """config.json of `name` when it is a GPTQ checkpoint (e.g. Qwen/Qwen-7B-Chat-Int4), else None."""
+    if name is None:  # the demo model
+        return None
+    from .loading import check_checkpoint, resolve_checkpoint
+    from .quantize import gptq_quantization
+
+    config = check_checkpoint(resolve_checkpoint(name))
+    return config if gptq_quantization(config) is not None else None
+
+
 def load_for_training(model_args, training_args, lora_args):
     """(model, tokenizer) ready for the Trainer: full weights, or a PEFT model with LoRA (on 4-bit for Q-LoRA)."""
     from .loading import load_model_and_tokenizer
 
     dtype = _train_dtype(training_args)
     kwargs = {}
-    if lora_args.q_lora:
+    if lora_args.q_lora and (gptq := _gptq_checkpoint(model_args.model_name_or_path)) is not None:
+        # Q-LoRA on the hub's Int4 (or Int8) checkpoint, as the original: LoRA on top of the GPTQ layers, through a
+        # GPT-QModel kernel with a backward pass.
+        from .quantize import gptq_load_kwargs
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        kwargs.update(gptq_load_kwargs(gptq, device, trainable=True))
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    elif lora_args.q_lora:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -469,19 +499,27 @@ def save_output(trainer, tokenizer, model, output_dir: str) -> None:
         generation_config.save_pretrained(output_dir)
 
 
-def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_size: str = "2GB") -> Path:
+def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_size: str = "2GB",
+               base: str | None = None) -> Path:
     """A full checkpoint in the hub layout from a LoRA / Q-LoRA adapter directory: the adapter merged into the
     base weights (the unquantized ones for Q-LoRA), saved in the base checkpoint's dtype with the tokenizer and
-    generation_config."""
+    generation_config. `base` replaces the base model the adapter names: an adapter trained on a GPTQ Int4
+    checkpoint merges into the matching bf16 one (Qwen-7B-Chat for Qwen-7B-Chat-Int4)."""
     from .errors import CheckpointError
     from .loading import ADAPTER_CONFIG, DTYPES, load_adapter_checkpoint, resolve_checkpoint
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{adapter_dir} is not a LoRA adapter directory (it has no {ADAPTER_CONFIG})")
-    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base = base or json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     base_config = json.loads((resolve_checkpoint(base) / "config.json").read_text(encoding="utf-8")) if base else {}
-    model, tokenizer = load_adapter_checkpoint(adapter_dir, cpu_only=True, dtype="fp32")  # merge in fp32
+    if "quantization_config" in base_config:
+        raise CheckpointError(
+            f"{base} is a quantized checkpoint: merge into the matching full-precision model instead, e.g. "
+            "--base Qwen/Qwen-7B-Chat for an adapter trained on Qwen/Qwen-7B-Chat-Int4 (then re-quantize the merge "
+            "with run_gptq.py if you want it quantized)."
+        )
+    model, tokenizer = load_adapter_checkpoint(adapter_dir, cpu_only=True, dtype="fp32", base=base)  # merge in fp32
     saved_dtype = DTYPES.get(str(base_config.get("torch_dtype") or base_config.get("dtype")))
     if saved_dtype is not None:  # the base checkpoint's own precision (bf16 on the hub)
         model = model.to(saved_dtype)
@@ -586,5 +624,5 @@ def summary_text(summary: dict) -> str:
 
 __all__ = [
     "ARGUMENT_CLASSES", "IGNORE_INDEX", "SFTCollator", "Sample", "SupervisedDataset", "conversation", "load_conversations",
-    "encode_conversation", "load_for_training", "merge_lora", "modernize_argv", "pad_like_original", "read_records", "train",
+    "calibration_samples", "encode_conversation", "load_for_training", "merge_lora", "modernize_argv", "pad_like_original", "read_records", "train",
 ]

@@ -79,7 +79,8 @@ def int4(tiny, calibration_file, tmp_path_factory):
 def int8(tiny, calibration_file, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from qwen.quantize import calibration_samples, quantize
+    from qwen.quantize import quantize
+    from qwen.sft import calibration_samples
 
     samples = calibration_samples(AutoTokenizer.from_pretrained(tiny), calibration_file, max_len=64)
     return quantize(tiny, tmp_path_factory.mktemp("int8") / "Qwen-tiny-Chat-Int8", samples, bits=8)
@@ -276,3 +277,37 @@ def test_qlora_trains_on_int4_and_merges_into_the_full_precision_model(tiny, int
     assert (unmerged - before).abs().max() > 1e-2  # the adapter changes the model
     assert torch.allclose(merged, unmerged, atol=1e-4)
     assert not any("lora" in name for name, _ in merged_model.named_parameters())
+
+
+def test_finetune_q_lora_on_an_int4_checkpoint_then_merge_into_the_full_model(tiny, int4, calibration_file, tmp_path):
+    """finetune.py --q_lora on a GPTQ Int4 checkpoint trains LoRA on the GPTQ layers (not bitsandbytes), and
+    merge-lora --base writes the adapter into the matching full-precision checkpoint."""
+    from transformers import HfArgumentParser
+
+    from qwen.convert import main as convert_main
+    from qwen.sft import ARGUMENT_CLASSES, load_for_training, modernize_argv
+    from qwen.sft import train as run
+
+    argv = ["--model_name_or_path", str(int4), "--data_path", str(calibration_file), "--output_dir",
+            str(tmp_path / "adapter"), "--use_lora", "True", "--q_lora", "True", "--lora_r", "8",
+            "--learning_rate", "2e-2", "--max_steps", "6", "--per_device_train_batch_size", "8", "--report_to", "none",
+            "--logging_steps", "1", "--save_strategy", "no", "--model_max_length", "64"]  # fmt: skip
+    model_args, _, training_args, lora_args = HfArgumentParser(ARGUMENT_CLASSES).parse_args_into_dataclasses(
+        modernize_argv(argv)
+    )
+    model, _ = load_for_training(model_args, training_args, lora_args)
+    assert type(model.base_model.model.transformer.h[0].attn.c_attn).__name__ == "GPTQLoraLinear"
+    del model
+    run(*HfArgumentParser(ARGUMENT_CLASSES).parse_args_into_dataclasses(modernize_argv(argv)))
+    state = json.loads((tmp_path / "adapter" / "trainer_state.json").read_text(encoding="utf-8"))
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0], losses
+
+    assert convert_main(["merge-lora", str(tmp_path / "adapter"), str(tmp_path / "refused")]) == 2  # Int4 base
+    assert convert_main(["merge-lora", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--base", str(tiny)]) == 0
+    merged, tokenizer = load_model_and_tokenizer(str(tmp_path / "merged"), cpu_only=True)
+    original, _ = load_model_and_tokenizer(str(tiny), cpu_only=True)
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        assert (merged(ids).logits - original(ids).logits).abs().max() > 1e-3  # the adapter is in the weights
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
