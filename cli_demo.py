@@ -29,13 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()  # keep library warnings out of the conversation (before the libraries are imported)
-    from qwen.cli import ChatSession, Repl, UserInputError, apply_conf
+    from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
 
     overrides = {
         key: value
         for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
         if (value := getattr(args, key)) is not None
     }
+    try:
+        seed = parse_seed(str(args.seed))
+    except UserInputError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     with exit_on_user_error():
         model, tokenizer = load_checkpoint(args)
     try:
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed)
+    session = ChatSession(model, tokenizer, config, system=args.system, seed=seed)
     return Repl(session).run()
 
 

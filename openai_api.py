@@ -1,7 +1,7 @@
 """OpenAI-compatible API server for Qwen (v1) chat models: many clients at once, streaming, function calling.
 
     python openai_api.py                                  # the offline demo model on http://127.0.0.1:8000
-    python openai_api.py -c Qwen/Qwen-7B-Chat --server-name 0.0.0.0 --api-key sk-mysecret
+    QWEN_API_KEY=sk-mysecret python openai_api.py -c Qwen/Qwen-7B-Chat --server-name 0.0.0.0
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from qwen.scripts import (  # noqa: E402
     set_threads,
 )
 
+API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in the environment stays out of `ps`
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for Qwen chat models")
     add_checkpoint_args(parser)
     add_threads_arg(parser)
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP Basic auth")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
+                        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_VARIABLE} when set)")
     parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -42,12 +45,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests running or waiting before new ones get 429 (default 64)")
+    add_safety_args(parser)
     args = parser.parse_args(argv)
     if args.api_auth is not None and ":" not in args.api_auth:
         parser.error("--api-auth must be USER:PASSWORD")
     if args.max_batch_size < 1 or args.max_queue < args.max_batch_size:
         parser.error("--max-batch-size must be >= 1 and --max-queue >= --max-batch-size")
+    check_safety_args(parser, args)
     return args
+
+
+def add_safety_args(parser: argparse.ArgumentParser) -> None:
+    """Who may call the server, how much one request may hold, how it stops (README: Running it safely).
+
+    Defaults of None leave qwen.serving's (16 MiB, 100,000 messages, 30 s), which is not imported here to keep
+    --help fast."""
+    group = parser.add_argument_group("access, limits and shutdown")
+    group.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                       help="web origins (https://app.example) whose pages may call the API from a browser, "
+                            "or '*' for any (default: none, no cross-origin access)")
+    group.add_argument("--allow-credentials", action="store_true",
+                       help="let those pages send cookies / HTTP auth (needs explicit --allowed-origins, not '*')")
+    group.add_argument("--accept-any-model", action="store_true",
+                       help="answer requests naming any model (default: 404 model_not_found for unlisted names)")
+    group.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                       help="largest request body; larger gets 413 (default 16 MiB)")
+    group.add_argument("--max-messages", type=int, default=None, metavar="N",
+                       help="most messages in one chat request; more get 400 (default 100,000)")
+    group.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                       help="on SIGTERM / Ctrl-C, how long running requests may finish before they are stopped "
+                            "(default 30)")
+
+
+def check_safety_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error(f"--api-key (or ${API_KEY_VARIABLE}) is empty, which would turn authentication off; "
+                     "give a key, or none at all")
+    if args.api_auth is not None and not all(args.api_auth.partition(":")[::2]):
+        parser.error("--api-auth must be USER:PASSWORD with neither part empty")
+    if args.allow_credentials and (not args.allowed_origins or "*" in args.allowed_origins):
+        parser.error("--allow-credentials needs --allowed-origins listing the origins, not '*'")
+    if any(v is not None and v < 1 for v in (args.max_request_bytes, args.max_messages)):
+        parser.error("--max-request-bytes and --max-messages must be at least 1")
+    if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
+        parser.error("--shutdown-timeout must be >= 0")
+
+
+def safety_settings(args: argparse.Namespace) -> dict:
+    """create_app() keyword arguments of the flags above (unset limits keep create_app's defaults)."""
+    settings = {"allowed_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
+                "accept_any_model": args.accept_any_model}
+    limits = {"max_request_bytes": args.max_request_bytes, "max_messages": args.max_messages,
+              "shutdown_timeout": args.shutdown_timeout}
+    return settings | {key: value for key, value in limits.items() if value is not None}
 
 
 def default_model_name(checkpoint: str | None) -> str:
@@ -60,9 +110,7 @@ def default_model_name(checkpoint: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()  # before the libraries are imported: some log while importing
-    import uvicorn
-
-    from qwen.serving import create_app
+    from qwen.serving import create_app, serve
 
     with exit_on_user_error():
         check_port_free(args.server_name, args.server_port)
@@ -70,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, **safety_settings(args))
     if args.disable_gc:
         gc.disable()
-    uvicorn.run(app, host=args.server_name, port=args.server_port, log_level="info")
+    serve(app, host=args.server_name, port=args.server_port)
     return 0
 
 

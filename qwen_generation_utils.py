@@ -51,6 +51,14 @@ def chatml_ids(tokenizer) -> tuple[int, int]:
     return _token_id(tokenizer, IM_START), _token_id(tokenizer, IM_END)
 
 
+def undecodable_ids(tokenizer, model) -> list[int]:
+    """Ids of `model`'s output layer past the tokenizer (padding rows: Qwen has 151,936 for 151,851 ids), which
+    generation must never sample; add them to generation_config.suppress_tokens."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    rows = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", 0)
+    return list(range(len(tokenizer), rows))
+
+
 def eod_id(tokenizer) -> int:
     """The end-of-document id: Qwen's <|endoftext|>, else the tokenizer's eos token."""
     qwen_eod = getattr(tokenizer, "eod_id", None)

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="initial longest answer, in tokens")
     args = parser.parse_args(argv)
     checks = [
-        (args.auth is None or (":" in args.auth and args.auth.split(":", 1)[0]), "--auth must be USER:PASSWORD"),
+        (args.auth is None or all(args.auth.partition(":")[::2]),
+         "--auth must be USER:PASSWORD with neither part empty (an empty password would let anyone in)"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
-                    max_context=model_context_length(model))
+                    max_context=model_context_length(model), decodable_tokens=len(tokenizer))
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     chat = WebChat(model, tokenizer, engine, title=title)
     overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")

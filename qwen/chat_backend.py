@@ -16,11 +16,14 @@ from .engine import Engine, SamplingParams, TokenEvent
 
 # engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
-GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
 
 
 class GenerationError(RuntimeError):
     """The engine failed a request (e.g. out of memory); other requests go on."""
+
+
+class ServerShutdownError(GenerationError):
+    """The server stopped the request because it is shutting down (its grace period ran out)."""
 
 
 class StopStrings:
@@ -88,10 +91,6 @@ class ChatBackend:
         value = getattr(self.generation_config, name, None)
         return fallback if value is None else value
 
-    def default_temperature(self) -> float:
-        """The checkpoint's temperature, or 0 (greedy) when its generation_config does not sample."""
-        return self.default("temperature", 1.0) if self.default("do_sample", True) else 0.0
-
     def _stop_tokens(self) -> tuple[tuple[int, ...], list[str]]:
         """Token ids that end every reply, and multi-token stop words (as text) that end chat replies."""
         ids = {eod_id(self.tokenizer)}
@@ -106,28 +105,10 @@ class ChatBackend:
                 texts.append(self.tokenizer.decode(seq))
         return tuple(sorted(i for i in ids if i is not None)), texts
 
-    def sampling_params(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
-                        top_p: float | None = None, top_k: int | None = None,
-                        repetition_penalty: float | None = None, presence_penalty: float | None = None,
-                        frequency_penalty: float | None = None, seed: int | None = None,
-                        stop_token_ids: Sequence[int] | None = None, logprobs: bool = False,
-                        top_logprobs: int = 0) -> SamplingParams:
-        """Engine sampling parameters; what is None comes from the checkpoint. Bad values raise ValueError."""
-        if temperature is None:
-            temperature = self.default_temperature()
-        return SamplingParams(
-            max_new_tokens=max_new_tokens or self.default("max_new_tokens", 512),
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-            top_p=top_p or self.default("top_p", 1.0),
-            top_k=self.default("top_k", 0) if top_k is None else top_k,
-            repetition_penalty=repetition_penalty or self.default("repetition_penalty", 1.0),
-            presence_penalty=presence_penalty or 0.0,
-            frequency_penalty=frequency_penalty or 0.0,
-            seed=seed,
-            stop_token_ids=tuple(self.stop_token_ids if stop_token_ids is None else stop_token_ids),
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-        )
+    def sampling_params(self, **requested) -> SamplingParams:
+        """Engine sampling parameters: `requested` (SamplingParams fields; None = unset), else the checkpoint's
+        generation_config, else the defaults; stop tokens default to the checkpoint's. Bad values: ValueError."""
+        return SamplingParams.resolve({"stop_token_ids": self.stop_token_ids, **requested}, self.generation_config)
 
     def chat_prompt(self, query: str, history, system: str) -> list[int]:
         """Prompt ids of one chat turn (ChatML; user text never parsed as control tokens)."""
@@ -158,6 +139,11 @@ class ChatBackend:
                         tokens = []
                 elif event.reason == "error":
                     raise GenerationError(f"generation failed: {event.error}")
+                elif event.reason == "shutdown":
+                    raise ServerShutdownError(
+                        f"the server is shutting down and stopped this answer after {event.completion_tokens} "
+                        "tokens; send the request again (to another instance, or once the server is back)"
+                    )
                 else:
                     text = cutter.push(detokenizer.finish())
                     text += cutter.flush()

@@ -1,14 +1,17 @@
 """The terminal chat behind ``cli_demo.py``: commands, typed ``:conf`` parsing, streaming, save/load.
 
 The original demo ran ``:conf`` values through Python's eval, never passed the edited config to generation,
-and redrew the whole screen per token. Here values are parsed against a type table, the session's
-``GenerationConfig`` is what every turn generates with, and streaming appends only the new text.
+and redrew the whole screen per token. Here values are parsed and range-checked against a table when they are
+set (a bad one is one line of error, the old value stays), the session's ``GenerationConfig`` is what every
+turn generates with, streaming appends only the new text, and a turn whose generation fails is reported and
+dropped: the session and its history go on.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +20,9 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_SYSTEM
+from qwen_generation_utils import DEFAULT_SYSTEM, undecodable_ids
+
+from .chat_backend import StopStrings
 
 
 class UserInputError(ValueError):
@@ -40,24 +45,47 @@ def _parse_str_list(text: str) -> list[str]:
     return value
 
 
-# The options `:conf` may set, with the parser of each (GenerationConfig's own defaults are all None in
-# transformers 5, so they cannot tell the type). max_window_size / chat_format are Qwen's additions.
-CONF_PARSERS: dict[str, Callable[[str], Any]] = {
-    "max_new_tokens": int,
-    "min_new_tokens": int,
-    "do_sample": _parse_bool,
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "typical_p": float,
-    "repetition_penalty": float,
-    "no_repeat_ngram_size": int,
-    "num_beams": int,
-    "length_penalty": float,
-    "stop_strings": _parse_str_list,
-    "max_window_size": int,
+def _between(low: float, high: float, *, low_open: bool = False):
+    def check(value) -> bool:
+        return math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    return check
+
+
+_ANY_FINITE = _between(-math.inf, math.inf)
+SEED_RANGE = (0, 2**32 - 1)  # transformers.set_seed seeds numpy too, which takes no more
+
+
+# The options `:conf` may set: option → (parser, check of the parsed value, what the check wants). GenerationConfig's
+# own defaults are all None in transformers 5, so they cannot tell the type. max_window_size / chat_format are
+# Qwen's additions. Answers are streamed token by token, which beam search cannot do: num_beams stays 1.
+CONF_OPTIONS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool] | None, str]] = {
+    "max_new_tokens": (int, _between(1, math.inf), "at least 1"),
+    "min_new_tokens": (int, _between(0, math.inf), "at least 0"),
+    "do_sample": (_parse_bool, None, ""),
+    "temperature": (float, _between(0, math.inf), "a number >= 0 (0 means greedy)"),
+    "top_p": (float, _between(0, 1, low_open=True), "in (0, 1]"),
+    "top_k": (int, _between(0, math.inf), "at least 0 (0 means off)"),
+    "min_p": (float, _between(0, 1), "in [0, 1]"),
+    "typical_p": (float, _between(0, 1, low_open=True), "in (0, 1]"),
+    # bounded as the API server's: dividing a logit by a tinier one overflows to inf / NaN
+    "repetition_penalty": (float, _between(0.01, 100), "in [0.01, 100] (1 means off)"),
+    "no_repeat_ngram_size": (int, _between(0, math.inf), "at least 0"),
+    "num_beams": (int, _between(1, 1), "1: answers are streamed token by token, which beam search cannot do"),
+    "length_penalty": (float, _ANY_FINITE, "a finite number"),
+    "stop_strings": (_parse_str_list, lambda v: all(v), "strings that are not empty"),
+    "max_window_size": (int, _between(1, math.inf), "at least 1"),
 }
+
+
+def parse_seed(text: str) -> int:
+    """A seed as typed (`:seed N`, `--seed N`); UserInputError unless it is an integer in SEED_RANGE."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise UserInputError(f"seed must be an integer, not '{text}'") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserInputError(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, not {seed}")
+    return seed
 
 
 def parse_conf_items(items: list[str]) -> dict[str, Any]:
@@ -68,14 +96,14 @@ def parse_conf_items(items: list[str]) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or not key or not raw:
             raise UserInputError(f"'{item}' is not key=value; e.g. :conf max_new_tokens=128 top_p=0.8")
-        if key not in CONF_PARSERS:
-            known = ", ".join(CONF_PARSERS)
+        if key not in CONF_OPTIONS:
+            known = ", ".join(CONF_OPTIONS)
             raise UserInputError(f"unknown option '{key}'; settable options: {known}")
         if raw.lower() == "none":
             updates[key] = None
             continue
         try:
-            updates[key] = CONF_PARSERS[key](raw)
+            updates[key] = CONF_OPTIONS[key][0](raw)
         except ValueError as exc:
             raise UserInputError(f"bad value for {key}: '{raw}' ({exc})") from None
     return updates
@@ -83,11 +111,17 @@ def parse_conf_items(items: list[str]) -> dict[str, Any]:
 
 def apply_conf(config: GenerationConfig, updates: dict[str, Any]) -> GenerationConfig:
     """A new config with ``updates`` applied and validated; ``config`` is left untouched."""
+    for key, value in updates.items():
+        _, check, wanted = CONF_OPTIONS.get(key, (None, None, ""))
+        if value is not None and check is not None and not check(value):
+            raise UserInputError(f"bad value for {key}: {value!r} (must be {wanted})")
     new = copy.deepcopy(config)
     for key, value in updates.items():
         setattr(new, key, value)
     if new.temperature == 0:  # the OpenAI convention: temperature 0 means greedy
         new.do_sample, new.temperature = False, None
+    elif updates.get("temperature") is not None and "do_sample" not in updates:
+        new.do_sample = True  # asking for a temperature above 0 asks for sampling (the API server's meaning too)
     try:
         new.validate()  # not strict: sampling knobs left set under greedy decoding are harmless
     except (ValueError, TypeError) as exc:
@@ -109,20 +143,40 @@ class ChatSession:
     def __post_init__(self) -> None:
         self.initial_config = copy.deepcopy(self.config)
 
+    def generation_config(self) -> GenerationConfig:
+        """This turn's config: stop strings are cut here (generate() would need the tokenizer passed for them),
+        and ids past the tokenizer (padding rows of the output layer: Qwen has 151,936 for 151,851 ids) are
+        never sampled."""
+        config = copy.deepcopy(self.config)
+        config.stop_strings = None
+        if self.tokenizer is not None and (padding := undecodable_ids(self.tokenizer, self.model)):
+            config.suppress_tokens = [*(config.suppress_tokens or []), *padding]
+        return config
+
     def stream(self, query: str) -> Iterator[str]:
         """Yield the answer's new text piece by piece; the turn joins the history only once it completes."""
         set_seed(self.seed)
-        printed = ""
+        seen, printed = "", ""
+        cutter = StopStrings(self.config.stop_strings or [])
         stream = self.model.chat_stream(
-            self.tokenizer, query, history=self.history, system=self.system, generation_config=self.config
+            self.tokenizer, query, history=self.history, system=self.system,
+            generation_config=self.generation_config(),
         )
         try:
             for response in stream:
-                if len(response) > len(printed):
-                    yield response[len(printed):]
-                    printed = response
+                if len(response) > len(seen):
+                    piece = cutter.push(response[len(seen):])
+                    seen = response
+                    if piece:
+                        printed += piece
+                        yield piece
+                if cutter.stopped:
+                    break
+            if piece := cutter.flush():
+                printed += piece
+                yield piece
         finally:
-            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C)
+            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C, a stop string)
         self.history.append((query, printed))
 
     def save(self, path: str) -> None:
@@ -222,6 +276,9 @@ class Repl:
             self.say()
         except KeyboardInterrupt:
             self.say("\n[stopped; this answer is not kept in the history]")
+        except Exception as exc:  # a failed generation ends this turn only; the conversation goes on
+            self.say(f"\n[the answer failed ({type(exc).__name__}: {exc}); it is not kept in the history, "
+                     "the conversation so far is]")
 
     def cmd_help(self, arg: str) -> None:
         self.say(HELP)
@@ -241,16 +298,13 @@ class Repl:
 
     def cmd_seed(self, arg: str) -> None:
         if arg:
-            try:
-                self.session.seed = int(arg)
-            except ValueError:
-                raise UserInputError(f"seed must be an integer, not '{arg}'") from None
+            self.session.seed = parse_seed(arg)
         self.say(f"seed = {self.session.seed}")
 
     def cmd_conf(self, arg: str) -> None:
         if arg:
             self.session.config = apply_conf(self.session.config, parse_conf_items(arg.split()))
-        shown = {key: getattr(self.session.config, key, None) for key in CONF_PARSERS}
+        shown = {key: getattr(self.session.config, key, None) for key in CONF_OPTIONS}
         self.say("  ".join(f"{key}={value}" for key, value in shown.items() if value is not None))
 
     def cmd_reset_conf(self, arg: str) -> None:

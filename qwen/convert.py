@@ -3,6 +3,7 @@
 python -m qwen.convert tiny OUT_DIR [--layers 2 --hidden 64 ...]   # random tiny checkpoint for tests
 python -m qwen.convert llama SRC_DIR_OR_GGUF OUT_DIR               # Llama-layout model -> QWen layout
 python -m qwen.convert demo [--cache-dir DIR]                      # prepare the offline demo model
+python -m qwen.convert merge-lora ADAPTER_DIR OUT_DIR              # LoRA / Q-LoRA adapter -> full checkpoint
 python -m qwen.convert to-qwen2 SRC_DIR OUT_DIR                    # QWen -> Qwen2ForCausalLM (vLLM, SGLang)
 """
 
@@ -43,6 +44,12 @@ def _command_demo(args) -> None:
     from .demo import demo_checkpoint
 
     print(demo_checkpoint(args.cache_dir))
+
+
+def _command_merge_lora(args) -> None:
+    from .sft import merge_lora
+
+    print(f"merged checkpoint written to {merge_lora(args.adapter_dir, args.out_dir, args.shard_size, args.base)}")
 
 
 def _command_to_qwen2(args) -> None:
@@ -103,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="prepare the offline demo model and print its path")
     demo.add_argument("--cache-dir", default=None, help="default: $QWEN_DEMO_DIR or ~/.cache/qwen/demo")
     demo.set_defaults(run=_command_demo)
+
+    merge = commands.add_parser("merge-lora", help="merge a finetune.py LoRA / Q-LoRA adapter into its base model")
+    merge.add_argument("adapter_dir", help="finetune.py --use_lora output directory (adapter_config.json)")
+    merge.add_argument("out_dir")
+    merge.add_argument("--shard-size", default="2GB", help="largest weight shard (default 2GB)")
+    merge.add_argument("--base", default=None,
+                       help="full-precision base to merge into instead of the one the adapter names (an adapter "
+                       "trained on Qwen-7B-Chat-Int4 merges into Qwen-7B-Chat)")
+    merge.set_defaults(run=_command_merge_lora)
 
     to_qwen2 = commands.add_parser(
         "to-qwen2", help="export a QWen checkpoint to transformers' Qwen2ForCausalLM layout (vLLM, SGLang)"

@@ -1,18 +1,16 @@
 """A small batched generation engine: many concurrent requests share one KV cache and one decode step.
 
 Used by openai_api.py (asyncio) and web_demo.py (threads). One background thread owns the model and loops:
-admit waiting requests (one left-padded prefill for those arriving together), merge their cache rows into the
-running batch, run ONE decode step for every running row, sample each row with its own parameters and
-generator, and drop the rows that finished or were cancelled. Callers never touch the model; they get events.
+admit waiting requests into free slots of the KV cache (qwen/slot_cache.py), feed prompts in chunks of at most
+`prefill_chunk` tokens per step, run ONE decode forward for every row that has a token to feed, sample each row
+with its own parameters and generator, and free the slots of rows that finished or were cancelled. Callers never
+touch the model; they get events.
 
 Why not transformers' continuous batching (`generate_batch` / `ContinuousBatchingManager`): it packs all
-sequences into one row with paged attention and a 4D mask, while QWen derives position_ids and its per-sample
-dynamic NTK / logN scaling from each row's 2D attention mask; a padded batch on a DynamicCache feeds that
-faithfully, and works unchanged for any causal LM taking (input_ids, attention_mask, position_ids,
+sequences into one row with paged attention, while QWen computes its per-row dynamic NTK / logN scaling from each
+row's positions. Here each request keeps its own row, with its own positions (position = cache column), and a
+4D mask per forward; that works unchanged for any causal LM taking (input_ids, attention_mask, position_ids,
 cache, use_cache); `qwen.compat` names the cache argument as the installed transformers does.
-
-Batch layout: row r of the cache holds [padding..., prompt_r, generated_r], right-aligned, so every row's next
-token lands in the same column. attention_mask marks padding with 0; position_ids = cumsum(mask) - 1.
 
 Context limit: a prompt that leaves no room under `max_context` raises PromptTooLongError; otherwise
 max_new_tokens is clamped to the room left (the request then finishes with "length").
@@ -25,8 +23,9 @@ import collections
 import inspect
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -36,6 +35,7 @@ from .compat import cache_kwargs
 from .slot_cache import SlotCache, store_for
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
 # tokens, and the running requests get their next token between two chunks.
 DEFAULT_PREFILL_CHUNK = 256
@@ -88,6 +88,30 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameters: {message}")
 
+    @classmethod
+    def resolve(cls, requested: Mapping[str, Any], checkpoint=None) -> SamplingParams:
+        """Each field from the request, else the checkpoint's generation_config, else the built-in default.
+
+        `requested` holds field names of this class (None = unset); `checkpoint` is a GenerationConfig (or None).
+        A checkpoint that does not sample means temperature 0, and so does a temperature below GREEDY_BELOW.
+        A new sampling option is a field here and a field of the same name in the API schema, nothing more.
+        """
+
+        def from_checkpoint(name: str):
+            if name == "temperature" and getattr(checkpoint, "do_sample", None) is False:
+                return 0.0
+            return getattr(checkpoint, name, None)
+
+        values = {}
+        for name in (f.name for f in fields(cls)):
+            value = requested.get(name)
+            value = from_checkpoint(name) if value is None else value
+            if value is not None:
+                values[name] = value
+        if values.get("temperature", 1.0) < GREEDY_BELOW:
+            values["temperature"] = 0.0
+        return cls(**values)
+
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
@@ -102,7 +126,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled" | "error"
+    reason: str  # "stop" | "length" | "cancelled" | "error" | "shutdown" (see Engine.shutdown)
     prompt_tokens: int
     completion_tokens: int  # includes the stop token, which is not emitted as a TokenEvent
     error: str | None = None
@@ -268,7 +292,11 @@ class Engine:
     def __init__(
         self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        decodable_tokens: int | None = None,
     ):
+        """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
+        more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
+        rows past the tokenizer are padding that nothing can decode, so they are masked out."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         if prefill_chunk < 1:
@@ -278,6 +306,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.prefill_chunk = prefill_chunk
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.decodable_tokens = decodable_tokens
         self.max_batch_size, self.max_queue, self.max_context = max_batch_size, max_queue, max_context
         # only the last position's logits are needed; models that support it skip the rest of the lm_head
         accepts = inspect.signature(model.forward).parameters
@@ -291,6 +320,8 @@ class Engine:
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False  # drain(): no new requests, the running ones go on
+        self._stop_reason = "cancelled"  # the FinishEvent reason of requests that shutdown() ends
         # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
         self._slots: list[_Sequence | None] = [None] * max_batch_size
@@ -332,7 +363,7 @@ class Engine:
         else:
             generator = torch.Generator(self.device).manual_seed(random.getrandbits(63))
         with self._lock:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise EngineStoppedError("the server is shutting down; retry on another instance or later")
             if self._active >= self.max_queue:
                 raise QueueFullError(
@@ -360,10 +391,16 @@ class Engine:
             self._thread.start()
         return self
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the thread; every request not yet finished ends with "cancelled"."""
+    def drain(self) -> None:
+        """Admit no new requests (submit raises EngineStoppedError); those already submitted go on."""
+        with self._lock:
+            self._draining = True
+
+    def shutdown(self, timeout: float | None = None, reason: str = "cancelled") -> None:
+        """Stop the thread; every request not yet finished ends with FinishEvent(`reason`)."""
         with self._lock:
             self._stopping = True
+            self._stop_reason = reason
             self._work.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -371,7 +408,7 @@ class Engine:
             waiting = list(self._waiting)
             self._waiting.clear()
         for seq in waiting:
-            self._finish(seq, "cancelled")
+            self._finish(seq, reason)
         # the running batch belongs to the engine thread: a thread still in a (long) step cancels it on exit
         if self._thread is None or not self._thread.is_alive():
             self._cancel_rows()
@@ -531,6 +568,8 @@ class Engine:
 
     def _emit_tokens(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token for each of `seqs` (the last rows of the batch), emit it, drop finished rows."""
+        if self.decodable_tokens is not None and self.decodable_tokens < logits.shape[-1]:
+            logits[:, self.decodable_tokens :] = float("-inf")  # padding rows of the output layer: never sampled
         want_logprobs = any(s.params.logprobs or s.params.top_logprobs for s in seqs)
         logprobs = logits.log_softmax(-1) if want_logprobs else [None] * len(seqs)
         for seq, row_logits, row_logprobs in zip(seqs, logits, logprobs, strict=True):
@@ -589,7 +628,7 @@ class Engine:
     def _cancel_rows(self) -> None:
         for seq in self._rows:
             if not seq.handle.finished:
-                self._finish(seq, "cancelled")
+                self._finish(seq, self._stop_reason)
         self._reset_batch()
 
     def _reset_batch(self) -> None:

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from qwen_generation_utils import undecodable_ids
+
 from .errors import CheckpointError
+from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -112,13 +115,7 @@ def check_checkpoint(path: Path) -> dict:
         raise CheckpointError(
             f"{config_file} is not valid JSON ({exc}); download the checkpoint again."
         ) from exc
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") == "gptq":
-        raise CheckpointError(
-            f"{path} is a GPTQ-quantized checkpoint (Int{quantization.get('bits', '?')}): GPTQ support is "
-            "not available yet. Use the BF16 checkpoint of the same model instead (e.g. Qwen/Qwen-7B-Chat "
-            "rather than Qwen/Qwen-7B-Chat-Int4)."
-        )
+    check_gptq_checkpoint(path, config)  # GPTQ Int4/Int8: loads through GPT-QModel when it is installed
     model_type = config.get("model_type")
     if model_type != "qwen":
         if model_type not in CONFIG_MAPPING:
@@ -199,6 +196,7 @@ def load_model_and_tokenizer(
     cpu_only: bool = False,
     revision: str | None = None,
     demo_if_none: bool = True,
+    use_cache_quantization: bool | None = None,
     **model_kwargs,
 ):
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
@@ -206,7 +204,9 @@ def load_model_and_tokenizer(
     The model is in eval mode, on `device` ("auto": all GPUs via accelerate, else the CPU), in `dtype`
     ("auto": bf16/fp16 on a GPU, fp32 on the CPU); from_pretrained reads generation_config.json into
     model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
-    `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`.
+    `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`. GPTQ Int4/Int8 checkpoints load through
+    GPT-QModel (qwen.quantize); use_cache_quantization=True overrides config.json and stores the KV cache in int8.
+    One line on stderr says what was loaded.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,17 +219,65 @@ def load_model_and_tokenizer(
         path = _demo_path()
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
-    check_checkpoint(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only,
+                                       use_cache_quantization=use_cache_quantization, **model_kwargs)
+    config = check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device)
     if device != "cpu":
         model_kwargs.setdefault("device_map", device)  # straight onto the GPU(s), not through the CPU
+    for key, value in gptq_load_kwargs(config, device).items():  # GPTQ: the kernel for this device
+        model_kwargs.setdefault(key, value)
+    if use_cache_quantization is not None:
+        model_kwargs["use_cache_quantization"] = use_cache_quantization  # a config.json override
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
+    suppress_undecodable(model, tokenizer)
+    print(describe_model(model, checkpoint_name(str(path))), file=sys.stderr)
     return model.eval(), tokenizer
 
 
-__all__ = ["CheckpointError", "load_model_and_tokenizer", "resolve_checkpoint", "check_checkpoint"]
+def suppress_undecodable(model, tokenizer) -> None:
+    """Plain generate() never samples an id the tokenizer cannot decode (padding rows of the output layer)."""
+    config = model.generation_config
+    config.suppress_tokens = sorted({*(config.suppress_tokens or []), *undecodable_ids(tokenizer, model)}) or None
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
+
+
+def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
+    """(model, tokenizer) of a LoRA adapter directory (finetune.py --use_lora output): its base checkpoint loaded
+    as any other, the adapter merged in (inference runs at the base model's speed), and the tokenizer and
+    generation_config saved beside the adapter."""
+    if importlib.util.find_spec("peft") is None:
+        raise CheckpointError(
+            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements-finetune.txt"
+        )
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # peft imports it; its CPU backend warns at import
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        base = base or json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG} is unreadable or names no base model ({exc}).") from exc
+    model, tokenizer = load_model_and_tokenizer(base, **load_kwargs)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+        suppress_undecodable(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+__all__ = [
+    "CheckpointError", "check_checkpoint", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
+]

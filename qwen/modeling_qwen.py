@@ -42,10 +42,12 @@ from qwen_generation_utils import (
     eod_id,
     get_stop_words_ids,
     make_context,
+    undecodable_ids,
 )
 
-from .compat import CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
+from .compat import CACHE_ARG, LEGACY_CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
 from .configuration_qwen import QWenConfig
+from .kv_cache import Int8KVCache, make_cache
 
 logger = logging.get_logger(__name__)
 
@@ -349,8 +351,6 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
         self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
-        if config.use_cache_quantization:
-            logger.warning_once("use_cache_quantization is not implemented here: the KV cache stays unquantized.")
         self.post_init()
 
     def get_input_embeddings(self):
@@ -401,7 +401,7 @@ class QWenModel(QWenPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = make_cache(self.config)  # int8 when config.use_cache_quantization
         past_length = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
@@ -421,7 +421,9 @@ class QWenModel(QWenPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                **cache_kwargs(cache),
+                # An empty DynamicCache masks as no cache at all; passing it would switch off transformers'
+                # packed-sequence masking (samples packed in one row, told apart by restarting position_ids).
+                **cache_kwargs(None if isinstance(cache, DynamicCache) and past_length == 0 else cache),
             )
 
         # Long context (inference only, as the original): per-row NTK alpha and logN query scaling.
@@ -570,6 +572,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
         """GenerationMixin.generate, plus the original's `stop_words_ids` (lists of token ids ending generation)."""
         config = generation_config if generation_config is not None else self.generation_config
+        if self.config.use_cache_quantization and kwargs.get("use_cache", True):
+            # generate() would make a DynamicCache; hand it the int8 one instead (unless the caller passed a cache)
+            if kwargs.get(CACHE_ARG) is None and kwargs.get(LEGACY_CACHE_ARG) is None:
+                kwargs[CACHE_ARG] = Int8KVCache(self.config)
         if stop_words_ids is None:
             stop_words_ids = getattr(config, "stop_words_ids", None)
         if stop_words_ids:
@@ -597,6 +603,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             generation_config.eos_token_id = eod_id(tokenizer)
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = generation_config.eos_token_id
+        if padding := undecodable_ids(tokenizer, self):  # never sample an id the tokenizer cannot decode
+            generation_config.suppress_tokens = [*(generation_config.suppress_tokens or []), *padding]
         history = [tuple(turn) for turn in (history or [])]
         raw_text, context_tokens = make_context(
             tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format

@@ -2,17 +2,21 @@
 
 Covers POST /v1/chat/completions, POST /v1/completions (streamed or not), GET /v1/models and the error body.
 Field names, types and limits follow the OpenAI API reference; extensions are marked. Unknown request fields
-are ignored so newer clients keep working. Sampling fields default to None: the server then takes the
-model's generation_config.json (Qwen-Chat's top_p=0.8, repetition_penalty=1.1, ...), not OpenAI's defaults.
+are ignored so newer clients keep working, and `null` for an optional field means "unset", as for OpenAI.
+Sampling fields default to None: the server then takes the model's generation_config.json (Qwen-Chat's
+top_p=0.8, repetition_penalty=1.1, ...), not OpenAI's defaults.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .engine import SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on `stop`
 
@@ -40,12 +44,25 @@ def _now() -> int:
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data: Any) -> Any:
+        """OpenAI reads `"n": null` (any optional field set to null) as the field left out: its default."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required() or fields[key].default is None}
+
 
 # --------------------------------------------------------------------------------------------- pieces
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+# HF semantics, 1 = off; bounded so that dividing a logit by it stays a finite float32 (1e-45 made inf / NaN)
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)]
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"]
 
@@ -102,7 +119,7 @@ class NamedToolChoice(OpenAIModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class Usage(OpenAIModel):
@@ -119,13 +136,13 @@ class _SamplingRequest(OpenAIModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: int | None = Field(default=None, ge=0)  # extension; 0 = off
-    repetition_penalty: float | None = Field(default=None, gt=0)  # extension; HF semantics, 1 = off
+    repetition_penalty: RepetitionPenalty | None = None  # extension
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     stop: Stop | None = None
-    n: int = Field(default=1, ge=1, le=8)
-    seed: int | None = None
-    stream: bool = False
+    n: int | None = Field(default=1, ge=1, le=8)
+    seed: Seed | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -134,6 +151,10 @@ class _SamplingRequest(OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
+
+    def sampling_request(self) -> dict[str, Any]:
+        """The fields this request shares by name with the engine's SamplingParams (None = unset)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingParams) if f.name in type(self).model_fields}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -147,7 +168,7 @@ class _SamplingRequest(OpenAIModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # newer name of max_tokens; wins over it
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[ChatCompletionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -248,9 +269,9 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the top-N alternatives per token
-    echo: bool = False  # prepend the prompt to the returned text
+    echo: bool | None = False  # prepend the prompt to the returned text
     # extension: read "<|im_start|>"-style text in the prompt as special tokens; off so user text stays text
-    allow_special_tokens: bool = False
+    allow_special_tokens: bool | None = False
 
     def prompt_list(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

@@ -93,10 +93,36 @@ def normalize_tools(
             result.append(dict(tool["function"]))
     else:
         return None
+    field = "functions" if functions else "tools"
     for i, function in enumerate(result):
-        if not (function.get("name_for_model") or function.get("name")):
-            raise ReActError(f"tools[{i}]: a function needs a `name`")
+        _check_function(function, f"{field}[{i}]" if functions else f"tools[{i}].function")
     return result
+
+
+def _check_function(function: Mapping, where: str) -> None:
+    """A function definition's names must be text and its `parameters` a valid JSON Schema (ReActError if not)."""
+    if not (function.get("name_for_model") or function.get("name")):
+        raise ReActError(f"{where}: a function needs a `name`")
+    for key in ("name", "name_for_model", "name_for_human", "description", "description_for_model"):
+        if function.get(key) is not None and not isinstance(function[key], str):
+            raise ReActError(f"{where}.{key} must be a string, not {type(function[key]).__name__}")
+    parameters = function.get("parameters")
+    if parameters is None:
+        return
+    if isinstance(parameters, list) and all(isinstance(p, Mapping) for p in parameters):
+        return  # the Qwen plugin form: a list of {name, description, required, schema} objects
+    if not isinstance(parameters, Mapping):
+        raise ReActError(f"{where}.parameters must be a JSON Schema object (or, in the Qwen plugin form, a list "
+                         f"of parameter objects), not {type(parameters).__name__}")
+    import jsonschema  # the API server's dependency (requirements-api.txt)
+
+    try:
+        jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
+            parameters
+        )
+    except jsonschema.SchemaError as exc:
+        path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
+        raise ReActError(f"{where}.parameters{path} is not a valid JSON Schema: {exc.message}") from None
 
 
 def tool_name(function: Mapping) -> str:
@@ -288,16 +314,18 @@ def parse_messages(messages: Iterable[Mapping], functions: list[Mapping] | None 
     """
     messages = [m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else m for m in messages]
     system_parts: list[str] = []
-    turns: list[list[str]] = []  # [role, text] with role user/assistant, alternating
+    # [role, texts] with role user/assistant, alternating; a turn's texts are joined once at the end, so a
+    # request of many consecutive user messages costs linear, not quadratic, time
+    turns: list[tuple[str, list[str]]] = []
     thought = ""  # content of the assistant message whose tool calls are open
     open_calls: list[_Call] = []  # tool calls of the last assistant message, waiting for their results
     open_where = ""
 
     def add_turn(role: str, text: str) -> None:
         if turns and turns[-1][0] == role:
-            turns[-1][1] += "\n" + text
+            turns[-1][1].append(text)
         else:
-            turns.append([role, text])
+            turns.append((role, [text]))
 
     def close_calls() -> None:
         nonlocal open_calls
@@ -335,18 +363,20 @@ def parse_messages(messages: Iterable[Mapping], functions: list[Mapping] | None 
 
     if not any(role == "user" for role, _ in turns):
         raise ReActError("messages: expected at least one user message")
+    texts = ["\n".join(parts) for _, parts in turns]
     if turns[-1][0] == "user":
-        query = turns.pop()[1]
+        query = texts.pop()
+        turns.pop()
     elif continues:
         query = TEXT_COMPLETION
-        turns[-1][1] += CONTINUE_THOUGHT
+        texts[-1] += CONTINUE_THOUGHT
     else:
         raise ReActError(
             f"{last_where}: the conversation ends with an assistant message; "
             "end it with a user message (or with the tool results of an assistant tool call)"
         )
 
-    history = [[turns[j][1], turns[j + 1][1]] for j in range(0, len(turns), 2)]
+    history = [[texts[j], texts[j + 1]] for j in range(0, len(texts), 2)]
     if functions:
         instruction = react_instruction(functions)
         if history:

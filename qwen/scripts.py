@@ -2,7 +2,7 @@
 line and exits 2".
 
     parser = argparse.ArgumentParser(...)
-    add_checkpoint_args(parser)                    # -c/--checkpoint-path, --cpu-only, --dtype, --device
+    add_checkpoint_args(parser)                    # -c/--checkpoint-path, --cpu-only, --dtype, --device, ...
     args = parser.parse_args(argv)
     with exit_on_user_error():                     # qwen.errors.UserError -> "Error: ..." on stderr, exit 2
         model, tokenizer = load_checkpoint(args)
@@ -29,6 +29,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool =
                         help="weights' precision (auto: bf16 / fp16 on a GPU as the original, fp32 on the CPU)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N, mps, or auto (default: every GPU when there is one, else cpu)")
+    parser.add_argument("--use-cache-quantization", action="store_true", default=None,
+                        help="store the KV cache in int8 (config.json's use_cache_quantization; ~1/4 of fp32)")
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +67,8 @@ def load_checkpoint(args: argparse.Namespace, **kwargs):
     from .loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
-        args.checkpoint_path, cpu_only=args.cpu_only, dtype=args.dtype, device=args.device, **kwargs
+        args.checkpoint_path, cpu_only=args.cpu_only, dtype=args.dtype, device=args.device,
+        use_cache_quantization=getattr(args, "use_cache_quantization", None), **kwargs
     )
 
 

@@ -5,10 +5,15 @@ ChatML prompt (qwen.react, qwen_generation_utils) → Engine.submit() per choice
 incremental detokenizer → stop strings cut (held back while they may be starting) → ReAct parser when tools
 are on → one JSON response, or server-sent events.
 
-The engine runs on its own thread, so generation never blocks the event loop; a client that goes away cancels
-its requests (the stream's `finally`, or a disconnect watcher for non-streamed calls), which frees their slots.
-Errors use the OpenAI error body; auth (Bearer key and/or Basic user:pass) is checked per route, inside CORS,
-so browser preflights (OPTIONS) are answered without credentials.
+The engine runs on its own thread, and the CPU-heavy part of a request (JSON parsing and validation, prompt
+building, tokenization) runs on worker threads, so no request blocks the event loop: /health and every stream
+keep answering. A client that goes away cancels its requests (the stream's `finally`, or a disconnect watcher
+for non-streamed calls), which frees their slots.
+Errors use the OpenAI error body: a client mistake is a 4xx naming the field; a 500 never shows internal
+details (they go to the log). Auth (Bearer key and/or Basic user:pass) is checked per route, inside CORS, so
+browser preflights (OPTIONS) are answered without credentials; cross-origin access is off unless origins are
+listed. On SIGTERM (serve()) the server admits nothing new, gives running requests a grace period, then stops
+them with an error event that says so.
 """
 
 from __future__ import annotations
@@ -16,24 +21,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import hmac
 import json
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_generation_utils import encode_plain, make_continuation_context
 
 from . import protocol as api
 from . import react
-from .chat_backend import ChatBackend, GenerationError
+from .chat_backend import ChatBackend, GenerationError, ServerShutdownError
 from .engine import (
     Engine,
     EngineStoppedError,
@@ -52,10 +63,22 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
 }
+# Limits of one request (openai_api.py's --max-request-bytes / --max-messages) and of JSON nesting: a
+# request's JSON is walked, so its depth is bounded (a tool's parameter schema needs a handful of levels).
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+DEFAULT_MAX_MESSAGES = 100_000
+MAX_JSON_DEPTH = 64
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds running requests get to finish after SIGTERM (--shutdown-timeout)
+RETRY_AFTER_SECONDS = "1"  # sent with 429 and 503
+AUTH_REALM = "Qwen API"
+# what a 500 says; the exception itself is logged, never sent (it may name files, tensors, settings)
+INTERNAL_ERROR = "internal server error; the server log has the details"
+GENERATION_FAILED = "the model failed while generating this answer (the server log has the details); retry"
 # how a tool call is reported: `tools` requests get tool_calls, legacy `functions` requests get function_call
 CALL_FINISH_REASONS = {False: "tool_calls", True: "function_call"}
 
@@ -63,15 +86,26 @@ CALL_FINISH_REASONS = {False: "tool_calls", True: "function_call"}
 class APIError(Exception):
     """An error answered with the OpenAI error body and an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})
+        if status in (429, 503):
+            self.headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
 
     def response(self) -> JSONResponse:
         body = api.ErrorResponse.of(self.message, ERROR_TYPES.get(self.status, "invalid_request_error"),
                                     self.param, self.code)
-        headers = {"WWW-Authenticate": "Basic, Bearer"} if self.status == 401 else None
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers or None)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice number `choice`: seed + choice, so n choices differ reproducibly; wrapped into the
+    64-bit range torch.Generator takes, so seed 2**64 - 1 with n = 2 is fine too."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice) % 2**64
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -147,29 +181,58 @@ async def _answer_unless_disconnected(request: Request, handles, response: Await
 class OpenAIServer(ChatBackend):
     """The serving logic: turns validated requests into engine requests and engine events into API objects."""
 
-    def __init__(self, model, tokenizer, engine: Engine, model_names: Sequence[str]):
+    def __init__(self, model, tokenizer, engine: Engine, model_names: Sequence[str], *,
+                 accept_any_model: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT):
         super().__init__(model, tokenizer, engine)
         self.model_names = list(model_names)
+        self.accept_any_model = accept_any_model
+        self.shutdown_timeout = shutdown_timeout
+        self.stopping = False
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
+        # Prompt building and tokenization run here, off the event loop, one request at a time (tokenizers
+        # are not all safe to share between threads).
+        self.prepare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen-prepare")
+
+    async def prepare(self, fn, *args):
+        """Run the CPU-heavy `fn(*args)` on the preparation thread; the event loop goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, fn, *args)
+
+    def check_model(self, name: str) -> None:
+        if not self.accept_any_model and name not in self.model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(self.model_names)}",
+                           param="model", code="model_not_found")
+
+    def check_fits(self, generations: int, param: str) -> None:
+        """A request needing more generations than the queue can ever hold gets a 400, not a 'busy' 429."""
+        if generations > self.engine.max_queue:
+            raise APIError(
+                400, f"this request needs {generations} generations at once ({param}), but the server holds at "
+                f"most {self.engine.max_queue} (its --max-queue); ask for fewer", param=param)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting requests now (503); after shutdown_timeout seconds stop those still running."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.engine.drain()
+        logger.info("shutting down: no new requests; running ones get %.0f s to finish", self.shutdown_timeout)
+        timer = threading.Timer(self.shutdown_timeout, self.engine.shutdown, kwargs={"reason": "shutdown"})
+        timer.daemon = True
+        timer.start()
 
     def request_sampling_params(self, request: api._SamplingRequest, max_new_tokens: int | None, choice: int,
                                 stop_token_ids: Sequence[int], logprobs: bool = False,
                                 top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams of choice number `choice`: request fields, else the checkpoint's generation_config."""
         try:
-            return self.sampling_params(
-                max_new_tokens=max_new_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                seed=None if request.seed is None else request.seed + choice,  # n choices differ, reproducibly
-                stop_token_ids=stop_token_ids,
-                logprobs=logprobs,
-                top_logprobs=top_logprobs,
-            )
+            return self.sampling_params(**{
+                **request.sampling_request(),
+                "max_new_tokens": max_new_tokens,
+                "seed": choice_seed(request.seed, choice),
+                "stop_token_ids": stop_token_ids,
+                "logprobs": logprobs,
+                "top_logprobs": top_logprobs,
+            })  # fmt: skip
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
@@ -272,7 +335,9 @@ class OpenAIServer(ChatBackend):
         return self._token_texts[token_id]
 
     async def chat_completion(self, request: api.ChatCompletionRequest, http_request: Request):
-        plan = self.plan_chat(request)
+        self.check_model(request.model)
+        self.check_fits(request.n, "n")
+        plan = await self.prepare(self.plan_chat, request)
         handles = self.submit(plan.prompt_ids, plan.params)
         streams = [self.chat_events(h, plan) for h in handles]
         if request.stream:
@@ -360,8 +425,10 @@ class OpenAIServer(ChatBackend):
         return encode_plain(self.tokenizer, text)
 
     async def completion(self, request: api.CompletionRequest, http_request: Request):
+        self.check_model(request.model)
         prompts = request.prompt_list()
-        encoded = [self.encode_prompt(p, request.allow_special_tokens) for p in prompts]
+        self.check_fits(request.n * len(prompts), "n × prompts" if len(prompts) > 1 else "n")
+        encoded = await self.prepare(lambda: [self.encode_prompt(p, request.allow_special_tokens) for p in prompts])
         want_logprobs = request.logprobs is not None
         params = [
             self.request_sampling_params(request, request.max_tokens, j, self.stop_token_ids, want_logprobs,
@@ -448,6 +515,19 @@ class OpenAIServer(ChatBackend):
             yield api.CompletionChunk(id=chunk_id, model=model, choices=[], usage=usage).model_dump(exclude_none=True)
 
 
+def _error_for(exc: Exception) -> APIError:
+    """The APIError to answer `exc` with; internal failures are logged and answered without their details."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ServerShutdownError):
+        return APIError(503, str(exc), code="server_shutdown")
+    if isinstance(exc, GenerationError):
+        logger.error("%s", exc)
+        return APIError(500, GENERATION_FAILED)
+    logger.error("unexpected error while answering", exc_info=exc)
+    return APIError(500, INTERNAL_ERROR)
+
+
 def _event_stream(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
     """Server-sent events of `chunks`, then [DONE]; an error mid-stream becomes an error event."""
 
@@ -455,11 +535,11 @@ def _event_stream(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except (APIError, GenerationError) as exc:
-            if isinstance(exc, GenerationError):
-                exc = APIError(500, str(exc))
-            error = api.ErrorResponse.of(exc.message, ERROR_TYPES.get(exc.status, "server_error"))
-            yield f"data: {json.dumps(error.model_dump(), ensure_ascii=False)}\n\n"
+        except Exception as exc:  # whatever failed, the client gets an error event and [DONE]
+            error = _error_for(exc)
+            body = api.ErrorResponse.of(error.message, ERROR_TYPES.get(error.status, "server_error"),
+                                        error.param, error.code)
+            yield f"data: {json.dumps(body.model_dump(), ensure_ascii=False)}\n\n"
         finally:  # also when the client disconnected and the task is cancelled: free the slots
             for handle in handles:
                 handle.cancel()
@@ -493,7 +573,12 @@ def bearer_token(header: str) -> str | None:
 def make_auth_check(api_key: str | None, api_auth: str | None):
     """A route dependency accepting `Authorization: Bearer <api_key>` and/or `Basic <user:pass>`."""
     # header reader → the secret it must match; compared in constant time
-    accepted = [(read, secret) for read, secret in ((bearer_token, api_key), (basic_credentials, api_auth)) if secret]
+    accepted = [(read, secret) for read, secret in ((bearer_token, api_key), (basic_credentials, api_auth))
+                if secret is not None]
+    challenges = ", ".join(
+        f'Bearer realm="{AUTH_REALM}"' if read is bearer_token else f'Basic realm="{AUTH_REALM}", charset="UTF-8"'
+        for read, _ in accepted
+    )
 
     async def check(request: Request) -> None:
         if not accepted:
@@ -504,44 +589,182 @@ def make_auth_check(api_key: str | None, api_auth: str | None):
             kinds = " or ".join(("an 'Authorization: Bearer <key>' header" if read is bearer_token else
                                  "HTTP Basic credentials") for read, _ in accepted)
             raise APIError(401, f"invalid or missing credentials: this server needs {kinds}",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": challenges})
 
     return check
 
 
-# ------------------------------------------------------------------------------------------------- app
+def check_secrets(api_key: str | None, api_auth: str | None) -> None:
+    """Refuse settings that would silently weaken auth: an empty key, or a Basic login without user/password."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty, which would turn authentication off; give a key, or none at all")
+    if api_auth is not None:
+        user, colon, password = api_auth.partition(":")
+        if not colon or not user or not password:
+            raise ValueError("the Basic login must be USER:PASSWORD with neither part empty")
 
 
-async def _validated(request: Request, model_class):
-    body = await request.body()
+# ------------------------------------------------------------------------------------------- requests
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is larger than `max_bytes`."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {max_bytes:,} bytes "
+                              "(--max-request-bytes); send less, e.g. a shorter history", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_json(data) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and text with unpaired UTF-16 surrogates ("\\ud800", which
+    JavaScript strings can hold but UTF-8 cannot encode), naming where; iterative, so any depth is safe."""
+    stack = [(data, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep", param=where)
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{where or 'body'}: the text has an unpaired UTF-16 surrogate (e.g. "
+                                        "\\ud800), which is not valid Unicode; send well-formed text",
+                                   param=where or None) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, where, depth))
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def parse_request(body: bytes, model_class, max_messages: int = DEFAULT_MAX_MESSAGES):
+    """A request body → a validated `model_class`; raises APIError(400) naming what is wrong."""
     try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from exc
+        data = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests JSON too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise APIError(400, f"the request body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    _check_json(data)
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise APIError(400, f"messages: {len(messages):,} messages, more than this server's limit of "
+                            f"{max_messages:,} (--max-messages)", param="messages")
     try:
         return model_class.model_validate(data)
     except ValidationError as exc:
         message = api.format_validation_error(exc)
-        raise APIError(400, message, param=message.split(":", 1)[0] if ":" in message else None) from exc
+        raise APIError(400, message, param=message.split(":", 1)[0] if ":" in message else None) from None
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no handler took becomes a generic 500 (details only in the log).
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn then drops the connection, so a
+    client reusing it (keep-alive) would get ECONNRESET on its next request; here the exception ends with the
+    response and the connection stays usable.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half a response was sent: only closing the connection can tell the client
+                raise
+            await APIError(500, INTERNAL_ERROR).response()(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------------- app
+
+# What /openapi.json documents for the two generation routes: request body and responses, so clients and
+# fuzzers can use it (the routes read their bodies themselves, so FastAPI would not see them).
+_ROUTE_MODELS = {
+    "/v1/chat/completions": (api.ChatCompletionRequest, api.ChatCompletionResponse),
+    "/v1/completions": (api.CompletionRequest, api.CompletionResponse),
+}
+_ERROR_RESPONSES = {
+    status: {"model": api.ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request (the message names the field)",
+        401: "missing or wrong credentials",
+        404: "unknown model",
+        413: "request body too large",
+        429: "the server is busy; retry after Retry-After seconds",
+        500: "internal error",
+        503: "the server is shutting down",
+    }.items()
+}
+
+
+def _openapi_schema(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m, _ in _ROUTE_MODELS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        for path, (request_model, _) in _ROUTE_MODELS.items():
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_key: str | None = None,
                api_auth: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
-               max_context: int | None = None, cors_origins: Sequence[str] = ("*",),
-               engine: Engine | None = None) -> FastAPI:
+               max_context: int | None = None, allowed_origins: Sequence[str] = (),
+               allow_credentials: bool = False, accept_any_model: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread runs while the app does (lifespan).
 
     api_key: accept `Authorization: Bearer <api_key>`; api_auth: accept HTTP Basic "user:pass". With neither,
-    no auth. max_context defaults to the model's max_position_embeddings (or seq_length).
+    no auth; an empty one is refused (ValueError). allowed_origins: web origins whose pages may call the API
+    (CORS; none by default, "*" for any), with cookies / HTTP auth only if allow_credentials (not with "*").
+    accept_any_model: answer whatever `model` a request names (else 404 for names not in model_names).
+    max_context defaults to the model's max_position_embeddings (or seq_length).
     """
-    if api_auth is not None and ":" not in api_auth:
-        raise ValueError("api_auth must be 'user:password'")
+    check_secrets(api_key, api_auth)
+    if allow_credentials and "*" in allowed_origins:
+        raise ValueError("credentials cannot be allowed for any origin ('*'); list the origins that may use them")
     if max_context is None:
         max_context = model_context_length(model)
-    engine = engine or Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_context=max_context)
-    server = OpenAIServer(model, tokenizer, engine, model_names)
+    engine = engine or Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_context=max_context,
+                              decodable_tokens=len(tokenizer))
+    server = OpenAIServer(model, tokenizer, engine, model_names, accept_any_model=accept_any_model,
+                          shutdown_timeout=shutdown_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -549,10 +772,16 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
         try:
             yield
         finally:
-            engine.shutdown(timeout=10)
+            engine.shutdown(timeout=10, reason="shutdown")
+            server.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan, separate_input_output_schemas=False)
     app.state.server = server
+    app.openapi = lambda: _openapi_schema(app)
+
+    async def read(request: Request, model_class):
+        body = await _read_body(request, max_request_bytes)
+        return await asyncio.to_thread(parse_request, body, model_class, max_messages)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -560,47 +789,77 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
     @app.exception_handler(GenerationError)
     async def generation_error(request: Request, exc: GenerationError):
-        return APIError(500, str(exc)).response()
+        return _error_for(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception):
-        logger.exception("unexpected error serving %s", request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404 / 405 of routing; 405 has Allow
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+        body = {"status": "stopping" if server.stopping else "ok", "running": engine.num_running,
+                "waiting": engine.num_waiting}
+        return JSONResponse(body, status_code=503 if server.stopping else 200)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(make_auth_check(api_key, api_auth))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(make_auth_check(api_key, api_auth))],
+                   responses={401: _ERROR_RESPONSES[401]})
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=api.ModelList)
     async def list_models():
         return api.ModelList(data=[api.ModelCard(id=name) for name in server.model_names]).model_dump()
 
-    @v1.get("/models/{name:path}")
+    @v1.get("/models/{name:path}", response_model=api.ModelCard, responses={404: _ERROR_RESPONSES[404]})
     async def get_model(name: str):
-        if name not in server.model_names:
-            raise APIError(404, f"model {name!r} does not exist; this server has {', '.join(server.model_names)}",
-                           param="model", code="model_not_found")
+        server.check_model(name)
         return api.ModelCard(id=name).model_dump()
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request):
-        return await server.chat_completion(await _validated(request, api.ChatCompletionRequest), request)
+    def responses(response_model) -> dict:
+        ok = {"description": "the answer; with stream=true, server-sent events of chunks ending in [DONE]",
+              "model": response_model, "content": {"text/event-stream": {}}}
+        return {200: ok, **_ERROR_RESPONSES}
 
-    @v1.post("/completions")
+    @v1.post("/chat/completions", response_model=None, responses=responses(api.ChatCompletionResponse))
+    async def chat_completions(request: Request):
+        return await server.chat_completion(await read(request, api.ChatCompletionRequest), request)
+
+    @v1.post("/completions", response_model=None, responses=responses(api.CompletionResponse))
     async def completions(request: Request):
-        return await server.completion(await _validated(request, api.CompletionRequest), request)
+        return await server.completion(await read(request, api.CompletionRequest), request)
 
     app.include_router(v1)
+    app.add_middleware(_InternalErrors)
     # added last, so it wraps everything: preflights are answered before auth, and errors carry CORS headers
-    app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=True,
-                       allow_methods=["*"], allow_headers=["*"])
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_credentials=allow_credentials,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     return app
 
 
-__all__ = ["APIError", "OpenAIServer", "create_app", "make_auth_check"]
+class GracefulServer(uvicorn.Server):
+    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new (503) at once, give running
+    requests the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so,
+    then [DONE]), and exit normally. A second Ctrl-C quits without waiting."""
+
+    def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
+        super().__init__(config)
+        self.openai_server = openai_server
+
+    def handle_exit(self, sig, frame) -> None:  # runs in the signal handler: only set flags
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True  # not re-raised at exit, unlike uvicorn's own: the process exits with 0
+
+    async def shutdown(self, sockets=None) -> None:
+        self.openai_server.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
+    server = app.state.server
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=server.shutdown_timeout + 15)  # a backstop
+    GracefulServer(config, server).run()
+
+
+__all__ = ["APIError", "GracefulServer", "OpenAIServer", "create_app", "make_auth_check", "parse_request", "serve"]

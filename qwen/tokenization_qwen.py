@@ -132,22 +132,21 @@ class QWenTokenizer(PreTrainedTokenizer):
             for token, index in itertools.chain(self.mergeable_ranks.items(), self.special_tokens.items())
         }
         self._special_ids = frozenset(self.special_tokens.values())
+        # The original's attribute name for the Encoding. A plain attribute, not a property: wrappers that
+        # subclass the tokenizer's class and keep the wrapped tokenizer in `.tokenizer` (GPT-QModel's
+        # Tokenicer) would otherwise hit the property and recurse.
+        self.tokenizer = self.encoding
 
     # tiktoken's Encoding is not picklable in older tiktoken and would carry the ranks twice: rebuild on load.
     def __getstate__(self):
         state = self.__dict__.copy()
-        for derived in ("encoding", "decoder", "_special_ids"):
+        for derived in ("encoding", "tokenizer", "decoder", "_special_ids"):
             state.pop(derived, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._build_encoding()
-
-    @property
-    def tokenizer(self) -> tiktoken.Encoding:
-        """The underlying tiktoken Encoding (the original's attribute name)."""
-        return self.encoding
 
     @property
     def eod_id(self) -> int:

@@ -66,9 +66,8 @@ class WebChat:
 
     def checkpoint_defaults(self) -> Defaults:
         """The checkpoint's generation_config.json sampling settings (greedy when it does not sample)."""
-        value = self.backend.default
-        return Defaults(temperature=self.backend.default_temperature(), top_p=value("top_p", 1.0),
-                        max_new_tokens=value("max_new_tokens", 512))
+        params = self.backend.sampling_params()
+        return Defaults(temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens)
 
     def sampling_params(self, temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
         try:

@@ -165,3 +165,16 @@ def test_chat_with_a_non_qwen_chatml_tokenizer():
     assert response == "hello world, é!" and history == [("hi", response)]
     chunks = list(model.chat_stream(tokenizer, "hi", logits_processor=[Script(script_ids)]))
     assert chunks[-1] == response
+
+
+def test_chat_never_samples_an_id_the_tokenizer_cannot_decode(tokenizer):
+    """The output layer has 151,936 rows for 151,851 ids: make a padding row the most likely one everywhere."""
+    model = tiny_chat_model(151936, tokenizer.eod_id)
+    padding_row = len(tokenizer) + 10
+    with torch.no_grad():
+        model.lm_head.weight[padding_row] = model.transformer.ln_f.weight * 50
+    response, _ = model.chat(tokenizer, "Hi", history=[], max_new_tokens=5)
+    streamed = list(model.chat_stream(tokenizer, "Hi", history=[], max_new_tokens=5))
+    assert isinstance(response, str) and streamed  # decoded, no "unknown token id" error
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, suppress_tokens=None)[0, 3:].tolist()
+    assert ids == [padding_row] * 3  # the row really wins when nothing masks it

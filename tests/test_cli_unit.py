@@ -31,8 +31,17 @@ def test_apply_conf_validates_and_keeps_the_original():
     new = apply_conf(base, {"max_new_tokens": 5, "temperature": 0})
     assert new.max_new_tokens == 5 and new.do_sample is False
     assert base.max_new_tokens == 512 and base.do_sample is True
-    with pytest.raises(UserInputError, match="invalid generation config"):
+    with pytest.raises(UserInputError, match="bad value for max_new_tokens"):
         apply_conf(base, {"max_new_tokens": -3})
+    with pytest.raises(UserInputError, match="invalid generation config"):  # GenerationConfig's own checks
+        apply_conf(base, {"early_stopping": "bogus"})
+
+
+def test_a_temperature_above_zero_turns_sampling_on():
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=512)  # e.g. the demo model's default
+    assert apply_conf(greedy, {"temperature": 0.7}).do_sample is True
+    assert apply_conf(greedy, {"temperature": 0.7, "do_sample": False}).do_sample is False  # said explicitly
+    assert apply_conf(greedy, {"top_p": 0.5}).do_sample is False
 
 
 class FakeStreamingModel:
@@ -92,3 +101,38 @@ def test_load_of_a_bad_file_is_one_clear_error(tmp_path):
 def test_unknown_colon_word_goes_to_the_model():
     _, _, _, model = run_repl([":hello there"])
     assert model.calls[0][0] == ":hello there"
+
+
+def test_bad_settings_are_refused_when_set_and_the_session_goes_on():
+    """Each of these used to be accepted and crash the chat at the next message (or hang it: num_beams)."""
+    bad = [":seed -1", ":seed 99999999999999", ":conf temperature=nan", ":conf top_k=-5",
+           ":conf repetition_penalty=0", ":conf num_beams=3", ":conf top_p=0", ":conf stop_strings=[\"\"]"]
+    status, out, session, model = run_repl([*bad, "hi", ":q"])
+    assert status == 0
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == len(bad), out
+    assert "seed must be between 0 and 4294967295" in errors[0] and "must be at least 0" in errors[3]
+    assert "beam search" in errors[5]
+    assert session.seed == 1234 and session.config.to_dict() == session.initial_config.to_dict()
+    assert session.history == [("hi", "Hello")]
+
+
+class FailingOnceModel(FakeStreamingModel):
+    def chat_stream(self, tokenizer, query, history, system, generation_config):
+        if query == "boom":
+            yield "Hel"
+            raise RuntimeError("CUDA out of memory")
+        yield from super().chat_stream(tokenizer, query, history, system, generation_config)
+
+
+def test_a_failed_generation_ends_the_turn_not_the_session():
+    status, out, session, _ = run_repl(["hi", "boom", "again", ":q"], model=FailingOnceModel())
+    assert status == 0
+    assert "[the answer failed (RuntimeError: CUDA out of memory)" in out
+    assert session.history == [("hi", "Hello"), ("again", "Hello")]
+
+
+def test_stop_strings_cut_the_answer():
+    _, out, session, model = run_repl([':conf stop_strings=["llo"]', "hi"])
+    assert session.history == [("hi", "He")] and "Qwen> He\n" in out
+    assert model.calls  # generation ran; the stop string was cut here, not passed to generate()

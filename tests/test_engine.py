@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from conftest import build_engine_model as _build
 
 from qwen.engine import (
     Engine,
@@ -16,36 +16,10 @@ from qwen.engine import (
     TokenEvent,
 )
 
-TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 # prompts of different lengths, each with its own budget, so rows join and leave the batch at different steps
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 112)), [7], [42, 43, 44]]
 BUDGETS = [12, 9, 6, 10, 8]
-HF_MODELS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 HAS_QWEN_MODEL = importlib.util.find_spec("qwen.modeling_qwen") is not None
-
-
-def _hf_model(name):
-    # a larger init than the default spreads the logits, so greedy picks are not near-ties
-    common = dict(TINY, intermediate_size=128, num_key_value_heads=2, initializer_range=0.1)
-    config_cls, model_cls = HF_MODELS[name]
-    return model_cls(config_cls(**common, bos_token_id=None, eos_token_id=None, pad_token_id=0))
-
-
-def _qwen_model():
-    from qwen.configuration_qwen import QWenConfig
-    from qwen.modeling_qwen import QWenLMHeadModel
-
-    # seq_length 8: some rows start above it, others cross it while in the batch (NTK alpha and logN change)
-    config = QWenConfig(**TINY, kv_channels=16, intermediate_size=256, seq_length=8, initializer_range=0.1)
-    return QWenLMHeadModel(config)
-
-
-def _build(name):
-    torch.manual_seed(0)
-    model = (_qwen_model() if name == "qwen" else _hf_model(name)).eval()
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like the engine
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ exactly what they get when run alone: greedy ids and log-probabilities."""
 
 import pytest
 import torch
-from test_engine import _build
+from conftest import build_engine_model as _build
 
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 

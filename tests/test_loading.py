@@ -155,12 +155,15 @@ def test_other_known_model_type_loads_with_a_note(broken, capsys):
     assert "is a 'llama' model, not Qwen (v1)" in capsys.readouterr().err
 
 
-def test_gptq_checkpoint(broken):
+def test_gptq_checkpoint_without_the_gptq_extra(broken, monkeypatch):
+    from qwen import quantize
+
+    monkeypatch.setattr(quantize, "missing_gptq_packages", lambda: ["gptqmodel", "optimum"])  # as without the extra
     _edit_config(broken, quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq"})
     with pytest.raises(
         CheckpointError,
-        match=r"GPTQ-quantized checkpoint \(Int4\): GPTQ support is not available"
-        r" yet. Use the BF16 checkpoint",
+        match=r"is a GPTQ Int4 checkpoint; loading it needs gptqmodel and optimum: pip install -r "
+        r"requirements-gptq.txt",
     ):
         load_model_and_tokenizer(str(broken), cpu_only=True)
 

@@ -10,134 +10,31 @@ import base64
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
-from conftest import REPO, load_reference
-from transformers import GenerationConfig
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from conftest import (
+    ARGUMENTS,
+    COUNTING,
+    REPO,
+    THOUGHT,
+    WEATHER_TOOL,
+    ScriptedLM,
+    ServerThread,
+    free_port,
+    load_reference,
+)
 
 from qwen import protocol as api
 from qwen.chat_backend import StopStrings
-from qwen.compat import CACHE_ARG, cache_kwargs
 from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
-
-COUNTING = "one, two, three, four, five, six, seven, eight, nine, ten."
-THOUGHT = "I need the weather."
-ARGUMENTS = '{"location": "Boston, MA"}'
-# A ReAct call; the model would go on to invent the tool's result, which the "Observation:" stop word cuts.
-CALL = f"Thought: {THOUGHT}\nAction: get_current_weather\nAction Input: {ARGUMENTS}\nObservation: invented"
-CALL_AT_START = 'Action: lookup_city\nAction Input: {"name": "Paris"}\nObservation: invented'
-FINAL = " I now know the final answer.\nFinal Answer: It is sunny and 22 °C in Boston."
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_current_weather",
-        "description": "Get the current weather in a given location.",
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
-    },
-}
-
-
-def script(prompt: str) -> str:
-    """What the scripted model answers to a prompt (its text, special tokens included)."""
-    if prompt.endswith("Thought:"):  # continuing after a tool result
-        return FINAL
-    if "Action: the action to take, should be one of [lookup_city]" in prompt:
-        return CALL_AT_START
-    if "Action Input:" in prompt:  # the ReAct instruction: tools are on
-        return CALL
-    if "forever" in prompt:  # a minute or more at one token per 0.05 s: only a cancel ends it early
-        return COUNTING * 50
-    return COUNTING
-
-
-class ScriptedLM(torch.nn.Module):
-    """Writes script(prompt) token by token, then <|im_end|>: a model whose output is known in advance.
-
-    Its cache (one layer) holds each row's token ids: key channel 0 is id + 1, channel 1 marks prompt tokens (those
-    the engine feeds in a prefill call, which asks for the last logits only). A row sees the cache columns the
-    engine's attention mask opens to its last token, so the real engine's slots, chunks and masks keep every row's
-    state; the engine's filler rows (token 0 at position 0 in a decode call) are skipped.
-    """
-
-    def __init__(self, tokenizer, delay: float = 0.0):
-        super().__init__()
-        self.embed = torch.nn.Embedding(len(tokenizer), 1)  # unused: gives the engine a device and a vocab size
-        self.tokenizer, self.delay = tokenizer, delay
-        self.config = SimpleNamespace(max_position_embeddings=1024)
-        self.generation_config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=2000,
-                                                  do_sample=False)
-        self.prompts: list[list[int]] = []  # every prompt seen, in order
-        self._targets: dict[tuple, list[int]] = {}
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def target(self, prompt: list[int]) -> list[int]:
-        key = tuple(prompt)
-        if key not in self._targets:
-            text = script(self.tokenizer.decode(prompt))
-            self._targets[key] = encode_plain(self.tokenizer, text) + [self.tokenizer.im_end_id]
-            self.prompts.append(prompt)
-        return self._targets[key]
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **kwargs):
-        cache = kwargs[CACHE_ARG]
-        if self.delay:
-            time.sleep(self.delay)
-        prefill = logits_to_keep == 1
-        state = torch.stack([input_ids + 1, torch.full_like(input_ids, prefill)], -1).float()  # [n, T, 2]
-        keys, _ = cache.update(state[:, None], state[:, None], 0)
-        seen = attention_mask[:, 0, -1, :] == 0  # the columns each row's last token attends to
-        logits = torch.full((input_ids.shape[0], 1, len(self.tokenizer)), -1e4)
-        for row in range(input_ids.shape[0]):
-            if not prefill and int(position_ids[row, -1]) == 0:
-                continue  # a filler row of the decode step
-            ids, prompt_flags = keys[row, 0, seen[row], 0].long() - 1, keys[row, 0, seen[row], 1] > 0
-            prompt, generated = ids[prompt_flags].tolist(), ids[~prompt_flags].tolist()
-            target = self.target(prompt)
-            logits[row, -1, target[min(len(generated), len(target) - 1)]] = 0
-        return CausalLMOutputWithPast(logits=logits, **cache_kwargs(cache))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving `app` on a free 127.0.0.1 port from a background thread."""
-
-    def __init__(self, app):
-        self.app, self.port = app, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "the test server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -350,11 +247,11 @@ def test_completions_endpoint(scripted, tokenizer):
     "body, words",
     [
         ("{not json", ["JSON"]),
-        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, ["messages[0].role"]),
-        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, ["temperature"]),
-        ({"model": "m"}, ["messages"]),
-        ({"model": "m", "messages": [{"role": "tool", "content": "42"}]}, ["messages[0]", "tool"]),
-        ({"model": "m", "messages": [{"role": "user", "content": "word " * 2000}]}, ["context window"]),
+        ({"model": "scripted", "messages": [{"role": "wizard", "content": "hi"}]}, ["messages[0].role"]),
+        ({"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, ["temperature"]),
+        ({"model": "scripted"}, ["messages"]),
+        ({"model": "scripted", "messages": [{"role": "tool", "content": "42"}]}, ["messages[0]", "tool"]),
+        ({"model": "scripted", "messages": [{"role": "user", "content": "word " * 2000}]}, ["context window"]),
     ],
 )
 def test_invalid_requests_get_400(scripted, body, words):
@@ -375,8 +272,8 @@ def test_openai_client_sees_bad_request(scripted):
 
 
 def test_auth_and_preflight(tokenizer):
-    app = create_app(ScriptedLM(tokenizer), tokenizer, model_names=["scripted"], api_key="sk-right",
-                     api_auth="alice:secret")
+    app = create_app(ScriptedLM(tokenizer), tokenizer, model_names=["s"], api_key="sk-right",
+                     api_auth="alice:secret", allowed_origins=["http://example.com"])
     with ServerThread(app) as server:
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-right", max_retries=0)
         assert good.chat.completions.create(model="s", messages=[{"role": "user", "content": "hi"}]).choices
@@ -390,7 +287,7 @@ def test_auth_and_preflight(tokenizer):
             "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type"})
         assert preflight.status_code == 200
-        assert preflight.headers["access-control-allow-origin"] in ("*", "http://example.com")
+        assert preflight.headers["access-control-allow-origin"] == "http://example.com"
         # a browser's real request after the preflight: CORS headers on the 401 too, so the page can read it
         denied = httpx.get(server.url + "/v1/models", headers={"Origin": "http://example.com"})
         assert denied.status_code == 401 and "access-control-allow-origin" in denied.headers
@@ -409,7 +306,7 @@ def test_basic_auth_header_parsing():
 def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
     """One slot: a second request gets 429 while a stream runs; closing the stream frees the slot."""
     model = ScriptedLM(tokenizer, delay=0.05)
-    app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
+    app = create_app(model, tokenizer, model_names=["s"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         messages = [{"role": "user", "content": "Count forever."}]
@@ -430,7 +327,7 @@ def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
 
 def test_non_stream_disconnect_frees_slot(tokenizer):
     model = ScriptedLM(tokenizer, delay=0.05)
-    app = create_app(model, tokenizer, model_names=["scripted"], max_batch_size=1, max_queue=1)
+    app = create_app(model, tokenizer, model_names=["s"], max_batch_size=1, max_queue=1)
     with ServerThread(app) as server:
         body = {"model": "s", "messages": [{"role": "user", "content": "Count forever."}]}
         with pytest.raises(httpx.ReadTimeout):

@@ -400,3 +400,29 @@ def test_validation_error_lists_other_fields_and_reads_fastapi_errors():
     with pytest.raises(ValidationError) as caught:
         CompletionRequest.model_validate({"model": "qwen"})
     assert format_validation_error(caught.value) == "prompt: Field required"
+
+
+def test_every_sampling_field_of_the_schema_reaches_the_engine():
+    """request -> checkpoint generation_config -> built-in default, in one place (SamplingParams.resolve): each
+    field the API schema shares by name with SamplingParams arrives as sent, and unset ones fall back in order."""
+    from dataclasses import fields
+
+    from transformers import GenerationConfig
+
+    from qwen import protocol as api
+    from qwen.engine import SamplingParams
+
+    request = api.ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.5, top_p=0.5,
+        top_k=3, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, seed=9,
+    )  # fmt: skip
+    shared = request.sampling_request()
+    assert set(shared) == {f.name for f in fields(SamplingParams)} & set(type(request).model_fields)
+    params = SamplingParams.resolve(shared, GenerationConfig(temperature=0.9, top_p=0.9, top_k=1))
+    sent = {name: value for name, value in shared.items() if value is not None}
+    assert {name: getattr(params, name) for name in sent} == sent and len(sent) >= 7
+    checkpoint = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.8, max_new_tokens=11)
+    unset = SamplingParams.resolve({}, checkpoint)
+    assert (unset.temperature, unset.top_p, unset.max_new_tokens, unset.top_k) == (0.9, 0.8, 11, 0)
+    assert SamplingParams.resolve({}, GenerationConfig(do_sample=False, temperature=0.9)).temperature == 0
+    assert SamplingParams.resolve({"temperature": 0.001}, checkpoint).temperature == 0  # greedy, as the original

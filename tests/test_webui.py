@@ -189,7 +189,7 @@ def test_one_answer_at_a_time_per_session_others_unaffected(make_chat):
 
 @pytest.mark.parametrize("flags, message", [
     (["--auth", "nopassword"], "--auth must be USER:PASSWORD"),
-    (["--server-port", "70000"], "--server-port must be in 0..65535"),
+    (["--server-port", "70000"], "70000 is not a port: use 0..65535"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--concurrency", "0"], "--concurrency must be at least 1"),
 ])

@@ -1,0 +1,74 @@
+#!/bin/bash
+# Shared by the finetune_*.sh launchers (sourced, not run): options, environment and the torchrun line.
+#
+#   -m, --model PATH_OR_ID   checkpoint to fine-tune (hub id or directory; default: the offline demo model)
+#   -d, --data PATH          training data (JSON list or JSONL; see the README)
+#   --deepspeed PATH         DeepSpeed config (the DeepSpeed launchers; default: theirs)
+#   -- ARGS...               passed on to finetune.py (override any default, e.g. -- --num_train_epochs 1)
+#
+# Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node through torchrun's rendezvous) and
+# GPUS_PER_NODE (default: every GPU; without GPUs the launchers train on the CPU over gloo, 1 process unless
+# GPUS_PER_NODE says more). FINETUNE_DRY_RUN=1 prints the torchrun command instead of running it.
+set -euo pipefail
+
+usage() {
+    echo "Usage: bash $0 [-m MODEL] [-d DATA]${DS_CONFIG_PATH:+ [--deepspeed CONFIG]} [-- finetune.py flags...]"
+}
+
+EXTRA_ARGS=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -m | --model ) shift; MODEL="$1" ;;
+        -d | --data ) shift; DATA="$1" ;;
+        --deepspeed ) shift; DS_CONFIG_PATH="$1" ;;
+        -h | --help ) usage; exit 0 ;;
+        -- ) shift; EXTRA_ARGS=("$@"); break ;;
+        * ) echo "Unknown argument ${1}" >&2; usage >&2; exit 1 ;;
+    esac
+    shift
+done
+
+if [[ ! -f "${DATA:-}" ]]; then
+    echo "Error: no data file ${DATA}: pass -d path/to/data.json" >&2
+    exit 2
+fi
+
+GPU_COUNT=$(python -c 'import torch; print(torch.cuda.device_count())')
+if [[ "$GPU_COUNT" -gt 0 ]]; then
+    GPUS_PER_NODE=${GPUS_PER_NODE:-$GPU_COUNT}
+    PRECISION_ARGS=("${GPU_PRECISION_ARGS[@]}")
+else
+    GPUS_PER_NODE=${GPUS_PER_NODE:-1}
+    PRECISION_ARGS=()  # fp32 on the CPU
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6001}
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+MODEL_ARGS=()
+if [[ -n "${MODEL:-}" ]]; then
+    MODEL_ARGS=(--model_name_or_path "$MODEL")
+fi
+DS_ARGS=()
+if [[ -n "${DS_CONFIG_PATH:-}" ]]; then
+    DS_ARGS=(--deepspeed "$DS_CONFIG_PATH")
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CMD=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+    "$REPO/finetune.py"
+    "${MODEL_ARGS[@]}"
+    --data_path "$DATA"
+    "${PRECISION_ARGS[@]}"
+    "${TRAIN_ARGS[@]}"
+    "${DS_ARGS[@]}"
+    "${EXTRA_ARGS[@]}")
+if [[ -n "${FINETUNE_DRY_RUN:-}" ]]; then  # print the command instead of running it
+    printf '%q ' "${CMD[@]}"
+    echo
+    exit 0
+fi
+exec "${CMD[@]}"

@@ -1,0 +1,78 @@
+"""Greedy generation for many prompts at once through the batching engine (qwen/engine.py).
+
+All prompts are submitted to one Engine; it keeps up to `batch_size` of them decoding together and admits the
+next as soon as one finishes. A prompt ends at a stop token, at `max_new_tokens`, or as soon as its text
+satisfies `should_stop` (e.g. "\\n\\n" after a GSM8K answer, a top-level statement after a HumanEval body): the
+request is cancelled so its row is freed for the next prompt. Greedy: temperature 0, as the original's
+do_sample=False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from qwen_generation_utils import IncrementalDetokenizer
+
+from ..engine import Engine, PromptTooLongError, SamplingParams, TokenEvent, model_context_length
+
+PROMPT_TOO_LONG = "[prompt too long]"
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    should_stop: Callable[[str], bool] | None = None,
+    batch_size: int = 8,
+    max_context: int | None = None,
+    on_done: Callable[[], None] | None = None,
+) -> list[str]:
+    """The greedy continuation text of each prompt (special tokens skipped), in the order of `prompts`."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
+    engine = Engine(
+        model,
+        max_batch_size=batch_size,
+        max_queue=max(batch_size, len(prompts)),
+        max_context=max_context or model_context_length(model),
+    )
+
+    async def one(prompt: Sequence[int]) -> str:
+        try:
+            handle = engine.submit(list(prompt), params)
+        except PromptTooLongError:
+            if on_done is not None:
+                on_done()
+            return PROMPT_TOO_LONG
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        text = ""
+        async for event in handle:
+            if isinstance(event, TokenEvent):
+                text += detokenizer.push(event.token_id)
+                if should_stop is not None and should_stop(text):
+                    handle.cancel()
+                    break
+        else:
+            text += detokenizer.finish()
+        if on_done is not None:
+            on_done()
+        return text
+
+    # longest first: the engine admits in submission order, so a batch holds similar lengths (little padding)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+    async def run_all() -> list[str]:
+        return await asyncio.gather(*(one(prompts[i]) for i in order))
+
+    with engine:
+        texts = asyncio.run(run_all())
+    result = [""] * len(prompts)
+    for i, text in zip(order, texts, strict=True):
+        result[i] = text
+    return result
+
+
+__all__ = ["PROMPT_TOO_LONG", "generate_texts"]
