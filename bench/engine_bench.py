@@ -8,8 +8,9 @@ only); the difference is the decode phase, reported apart from the end-to-end ra
     python -m bench.engine_bench [--arch llama|qwen] [--streams 8] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--dtype float32|bfloat16] [--contexts 100,4000]
 
---contexts measures instead how one stream's decode cost grows with its context: ms per token after prompts of
-each length, for the engine (slot cache, written in place) and model.generate (DynamicCache, concatenated).
+--contexts measures instead how one stream's decode cost grows with its context: ms per decode step after prompts
+of each length, for the engine (slot cache, written in place) and a forward loop on a DynamicCache (concatenated
+per token, as generate()), timed after the prefill (--new-tokens steps).
 """
 
 import argparse
@@ -17,8 +18,9 @@ import random
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from qwen.compat import cache_kwargs
 from qwen.engine import Engine, SamplingParams
 
 
@@ -57,31 +59,46 @@ def run_generate(model, prompt: list[int], new_tokens: int) -> None:
         model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
-def decode_ms(run, context: int, new_tokens: int) -> float:
-    """Milliseconds per decoded token after a `context`-token prompt: (time(n tokens) - time(1 token)) / (n - 1)."""
-    (wall_n, _), (wall_1, _) = timed(lambda: run(context, new_tokens)), timed(lambda: run(context, 1))
-    return (wall_n - wall_1) / (new_tokens - 1) * 1000
+def engine_step_ms(model, prompt: list[int], steps: int) -> float:
+    """ms per decode step of one stream in the engine, timed after its prompt is in the cache."""
+    engine = Engine(model, max_batch_size=1)
+    engine.submit(prompt, SamplingParams(max_new_tokens=steps + 2, temperature=0))
+    with torch.inference_mode():
+        while not (engine._rows and engine._rows[0].decoding):
+            engine.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+    return (time.perf_counter() - start) / steps * 1000
 
 
-def context_growth(model, engine: Engine, contexts: list[int], new_tokens: int, repeats: int) -> None:
+def dynamic_cache_step_ms(model, prompt: list[int], steps: int) -> float:
+    """The same with a plain forward loop on a DynamicCache (what generate() does), timed after the prefill."""
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        token = model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def context_growth(model, contexts: list[int], steps: int, repeats: int) -> None:
     vocab = model.config.vocab_size
     rng = random.Random(1)
     prompts = {c: [rng.randrange(vocab) for _ in range(c)] for c in contexts}
-    cases = {
-        "engine": lambda c, k: run_engine(engine, [prompts[c]], k),
-        "generate": lambda c, k: run_generate(model, prompts[c], k),
-    }
+    cases = {"engine": engine_step_ms, "DynamicCache": dynamic_cache_step_ms}
     best = {(name, c): float("inf") for name in cases for c in contexts}
     for _ in range(repeats):  # interleaved
         for name, c in best:
-            best[name, c] = min(best[name, c], decode_ms(cases[name], c, new_tokens))
-    print(f"decode ms/token by context ({new_tokens} new tokens, best of {repeats})")
+            best[name, c] = min(best[name, c], cases[name](model, prompts[c], steps))
+    print(f"decode ms/token of one stream by context ({steps} steps timed after the prefill, best of {repeats})")
     for name in cases:
         row = "  ".join(f"{c:>5}: {best[name, c]:6.1f}" for c in contexts)
-        print(f"{name:9} {row}   growth {contexts[-1]}/{contexts[0]}: "
+        print(f"{name:12} {row}   growth {contexts[-1]}/{contexts[0]}: "
               f"{best[name, contexts[-1]] / best[name, contexts[0]]:.2f}x")
     for c in contexts:
-        print(f"engine / generate speed at {c}: {best['generate', c] / best['engine', c]:.2f}x")
+        print(f"engine / DynamicCache speed at {c}: {best['DynamicCache', c] / best['engine', c]:.2f}x")
 
 
 def main():
@@ -111,8 +128,7 @@ def main():
         contexts = [int(c) for c in args.contexts.split(",")]
         if args.arch == "qwen":  # stay below seq_length: dynamic NTK would recompute the cache on the way
             model.config.seq_length = max(model.config.seq_length, max(contexts) + n)
-        with Engine(model, max_batch_size=1) as engine:
-            context_growth(model, engine, contexts, n, args.repeats)
+        context_growth(model, contexts, n, args.repeats)
         return
     engine = Engine(model, max_batch_size=streams).start()
     cases = {  # name -> (streams, run(new_tokens))
