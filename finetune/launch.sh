@@ -11,6 +11,41 @@
 # GPUS_PER_NODE says more). FINETUNE_DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 
+# The original launchers' training flags; METHOD (full | lora | qlora) picks the rows that differ.
+MODEL=""  # default: the offline demo model (pass -m Qwen/Qwen-7B-Chat, -m /path/to/checkpoint)
+DATA=""
+DS_CONFIG_PATH=${DEEPSPEED_CONFIG:+"$(dirname "${BASH_SOURCE[0]}")/ds_config_${DEEPSPEED_CONFIG}.json"}
+case "$METHOD" in  #       per-device batch  gradient accumulation  learning rate  method flags      GPU precision
+    full )  METHOD_ARGS=(--per_device_train_batch_size 1 --gradient_accumulation_steps 16 --learning_rate 1e-5)
+            GPU_PRECISION_ARGS=(--bf16 True) ;;
+    lora )  METHOD_ARGS=(--per_device_train_batch_size 2 --gradient_accumulation_steps 8 --learning_rate 3e-4
+                         --use_lora True)
+            GPU_PRECISION_ARGS=(--bf16 True) ;;
+    qlora ) METHOD_ARGS=(--per_device_train_batch_size 2 --gradient_accumulation_steps 8 --learning_rate 3e-4
+                         --use_lora True --q_lora True)
+            GPU_PRECISION_ARGS=(--fp16 True) ;;
+    * ) echo "launch.sh: METHOD must be full, lora or qlora" >&2; exit 2 ;;
+esac
+TRAIN_ARGS=(
+    --output_dir output_qwen
+    --num_train_epochs 5
+    "${METHOD_ARGS[@]}"
+    --per_device_eval_batch_size 1
+    --evaluation_strategy "no"
+    --save_strategy "steps"
+    --save_steps 1000
+    --save_total_limit 10
+    --weight_decay 0.1
+    --adam_beta2 0.95
+    --warmup_ratio 0.01
+    --lr_scheduler_type "cosine"
+    --logging_steps 1
+    --report_to "none"
+    --model_max_length 512
+    --lazy_preprocess True
+    --gradient_checkpointing True
+)
+
 usage() {
     echo "Usage: bash $0 [-m MODEL] [-d DATA]${DS_CONFIG_PATH:+ [--deepspeed CONFIG]} [-- finetune.py flags...]"
 }
