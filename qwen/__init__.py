@@ -7,6 +7,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from . import _import_noise  # noqa: F401  first: quiets libraries that log while transformers imports them
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
 from .tokenization_qwen import QWenTokenizer

@@ -258,9 +258,6 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
         raise CheckpointError(
             f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements-finetune.txt"
         )
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # peft imports it; its CPU backend warns at import
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
