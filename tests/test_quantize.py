@@ -213,6 +213,40 @@ def test_cli_demo_runs_an_int8_checkpoint_with_the_int8_kv_cache(int8):
     assert "Qwen> " in result.stdout
 
 
+@pytest.mark.parametrize("script", ["openai_api.py", "web_demo.py"])
+def test_servers_serve_an_int4_checkpoint(script, int4):
+    """The API server answers a chat and the web page comes up on a GPTQ Int4 checkpoint given with -c."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, script, "-c", str(int4), "--server-port", str(port)], cwd=REPO,
+                              env=NO_COMPILE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None and time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + ("/health" if script == "openai_api.py" else "/"), timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        if script == "openai_api.py":
+            reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                "model": "Qwen-tiny-Chat-Int4", "max_tokens": 3, "temperature": 0,
+                "messages": [{"role": "user", "content": "Hello"}]})  # fmt: skip
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1, reply.text
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    assert "Loaded Qwen-tiny-Chat-Int4: GPTQ Int4 (group size 128, kernel TorchLinear)" in stderr
+
+
 def test_gptq_checkpoints_that_cannot_load_say_why(int4, tmp_path, monkeypatch):
     import shutil
 
