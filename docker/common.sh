@@ -41,6 +41,8 @@ parse_common_args() {
     [[ -n "$CHECKPOINT_PATH" ]] || { echo "Error: -c CHECKPOINT_PATH is required (a downloaded checkpoint directory)." >&2; usage_and_exit; }
     [[ -d "$CHECKPOINT_PATH" ]] || die "$CHECKPOINT_PATH is not a directory: pass a downloaded checkpoint (e.g. hf download Qwen/Qwen-7B-Chat --local-dir Qwen-7B-Chat)."
     CHECKPOINT_PATH="$(cd "$CHECKPOINT_PATH" && pwd)"
+    # Mounted under its own name, so the API server lists it as the model (e.g. Qwen-7B-Chat), as outside docker.
+    CONTAINER_CHECKPOINT="/models/$(basename "$CHECKPOINT_PATH")"
     if [[ -n "$PORT" ]] && ! [[ "$PORT" =~ ^[0-9]+$ && "$PORT" -ge 1 && "$PORT" -le 65535 ]]; then
         die "--port must be a number from 1 to 65535, not '$PORT'."
     fi

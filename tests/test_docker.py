@@ -179,12 +179,14 @@ def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpo
         user = _run(["docker", "exec", name, "id", "-u"]).stdout.strip()
         assert user not in ("", "0")
         mounts = json.loads(_run(["docker", "inspect", "--format", "{{json .Mounts}}", name]).stdout)
-        assert [(m["Destination"], m["RW"]) for m in mounts] == [("/models/checkpoint", False)]
+        assert [(m["Destination"], m["RW"]) for m in mounts] == [(f"/models/{demo_checkpoint.name}", False)]
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list()] == [demo_checkpoint.name]  # the checkpoint's own name
         question = "What is the capital of France?"
         reply = client.chat.completions.create(
-            model="qwen", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+            model=demo_checkpoint.name, messages=[{"role": "user", "content": question}], temperature=0,
+            max_tokens=24,
         )
         model, tokenizer = load_model_and_tokenizer(str(demo_checkpoint), cpu_only=True)
         expected, _ = model.chat(tokenizer, question, history=[], max_new_tokens=24, do_sample=False)
