@@ -17,13 +17,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
-    add_threads_arg,
-    check_port_free,
+    add_server_args,
     exit_on_user_error,
     load_checkpoint,
-    port,
+    prepare_server,
     quiet_libraries,
-    set_threads,
 )
 
 API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in the environment stays out of `ps`
@@ -32,13 +30,10 @@ API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for Qwen chat models")
     add_checkpoint_args(parser)
-    add_threads_arg(parser)
+    add_server_args(parser)
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP Basic auth")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
                         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_VARIABLE} when set)")
-    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
-    parser.add_argument("--server-name", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--disable-gc", action="store_true", help="disable the garbage collector while serving")
     parser.add_argument("--model-name", action="append", dest="model_names", metavar="NAME",
                         help="model name listed by /v1/models (repeatable; default: the checkpoint's name)")
@@ -113,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen.serving import create_app, serve
 
     with exit_on_user_error():
-        check_port_free(args.server_name, args.server_port)
-        set_threads(args.threads)
+        prepare_server(args)
         model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,

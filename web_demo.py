@@ -16,25 +16,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
-    add_threads_arg,
-    check_port_free,
+    add_server_args,
     exit_on_user_error,
     load_checkpoint,
-    port,
+    prepare_server,
     quiet_libraries,
-    set_threads,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
     add_checkpoint_args(parser)
-    add_threads_arg(parser)
+    add_server_args(parser)
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
-    parser.add_argument("--server-name", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
     parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together (default 8)")
     parser.add_argument("--concurrency", type=int, default=16,
@@ -70,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen.webui import WebChat, build_demo
 
     with exit_on_user_error():
-        check_port_free(args.server_name, args.server_port)
-        set_threads(args.threads)
+        prepare_server(args)
         model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
                     max_context=model_context_length(model), decodable_tokens=len(tokenizer))

@@ -33,11 +33,20 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool =
                         help="store the KV cache in int8 (config.json's use_cache_quantization; ~1/4 of fp32)")
 
 
-def add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    """--threads: the CPU threads torch computes with (see set_threads)."""
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """What both servers (API, web page) take: --server-port (8000, as the original), --server-name, --threads."""
+    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
+    parser.add_argument("--server-name", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model's math (default: one per core, less one for the server "
                              "itself on machines with more than 2 cores)")
+
+
+def prepare_server(args: argparse.Namespace) -> None:
+    """Before a server loads its model: the port is free (UsageError naming --server-port), threads are set."""
+    check_port_free(args.server_name, args.server_port)
+    set_threads(args.threads)
 
 
 def set_threads(threads: int | None) -> int:
@@ -126,4 +135,4 @@ def exit_on_user_error():
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["add_checkpoint_args", "add_threads_arg", "check_port_free", "set_threads", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
+__all__ = ["add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "set_threads", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
