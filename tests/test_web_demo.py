@@ -193,8 +193,9 @@ def test_stop_ends_a_long_answer(new_page):
         timeout=ANSWER_TIMEOUT_MS,
     )
     page.locator("#stop").click()
-    page.wait_for_function(
-        "() => document.querySelector('#chatbot [data-testid=status-tracker]').classList.contains('hide')"
+    page.wait_for_function(  # a loaded machine may take a while to hand the page its last event
+        "() => document.querySelector('#chatbot [data-testid=status-tracker]').classList.contains('hide')",
+        timeout=ANSWER_TIMEOUT_MS,
     )
     stopped = bot_messages(page)[-1]
     assert stopped.strip()
