@@ -59,6 +59,12 @@ def undecodable_ids(tokenizer, model) -> list[int]:
     return list(range(len(tokenizer), rows))
 
 
+def suppress_undecodable(generation_config, tokenizer, model) -> None:
+    """Add undecodable_ids() to generation_config.suppress_tokens (in place; each id once)."""
+    suppressed = {*(generation_config.suppress_tokens or []), *undecodable_ids(tokenizer, model)}
+    generation_config.suppress_tokens = sorted(suppressed) or None
+
+
 def eod_id(tokenizer) -> int:
     """The end-of-document id: Qwen's <|endoftext|>, else the tokenizer's eos token."""
     qwen_eod = getattr(tokenizer, "eod_id", None)

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_SYSTEM, undecodable_ids
+from qwen_generation_utils import DEFAULT_SYSTEM, suppress_undecodable
 
 from .chat_backend import StopStrings
 
@@ -149,8 +149,8 @@ class ChatSession:
         never sampled."""
         config = copy.deepcopy(self.config)
         config.stop_strings = None
-        if self.tokenizer is not None and (padding := undecodable_ids(self.tokenizer, self.model)):
-            config.suppress_tokens = [*(config.suppress_tokens or []), *padding]
+        if self.tokenizer is not None:
+            suppress_undecodable(config, self.tokenizer, self.model)
         return config
 
     def stream(self, query: str) -> Iterator[str]:

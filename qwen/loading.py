@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_generation_utils import undecodable_ids
+from qwen_generation_utils import suppress_undecodable
 
 from .errors import CheckpointError
 from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
@@ -236,15 +236,9 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
-    suppress_undecodable(model, tokenizer)
+    suppress_undecodable(model.generation_config, tokenizer, model)  # also plain generate()
     print(describe_model(model, checkpoint_name(str(path))), file=sys.stderr)
     return model.eval(), tokenizer
-
-
-def suppress_undecodable(model, tokenizer) -> None:
-    """Plain generate() never samples an id the tokenizer cannot decode (padding rows of the output layer)."""
-    config = model.generation_config
-    config.suppress_tokens = sorted({*(config.suppress_tokens or []), *undecodable_ids(tokenizer, model)}) or None
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
@@ -271,7 +265,7 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-        suppress_undecodable(model, tokenizer)
+        suppress_undecodable(model.generation_config, tokenizer, model)  # also plain generate()
     return model.eval(), tokenizer
 
 

@@ -42,7 +42,7 @@ from qwen_generation_utils import (
     eod_id,
     get_stop_words_ids,
     make_context,
-    undecodable_ids,
+    suppress_undecodable,
 )
 
 from .compat import CACHE_ARG, LEGACY_CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
@@ -603,8 +603,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             generation_config.eos_token_id = eod_id(tokenizer)
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = generation_config.eos_token_id
-        if padding := undecodable_ids(tokenizer, self):  # never sample an id the tokenizer cannot decode
-            generation_config.suppress_tokens = [*(generation_config.suppress_tokens or []), *padding]
+        suppress_undecodable(generation_config, tokenizer, self)  # never sample an id it cannot decode
         history = [tuple(turn) for turn in (history or [])]
         raw_text, context_tokens = make_context(
             tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
