@@ -9,8 +9,9 @@ one person at a time. Here:
   people are decoded in one batch, and the chat events run with a concurrency limit above one;
 - prompts, stop tokens, stop strings and streaming text come from the same code as the API server
   (``qwen.chat_backend.ChatBackend``: generation_config defaults, stop handling, incremental detokenization);
-- Stop cancels the gradio event, which cancels the engine request (the stream's ``finally``), and the
-  partial answer stays, as shown, in the history;
+- Stop cancels the session's engine request on the server; the answer's stream then ends the way a finished
+  one does (so the page is told it is over), and the partial answer stays, as shown, in the history. Clear
+  and leaving the page cancel the gradio event, which cancels the engine request (the stream's ``finally``);
 - mistakes and limits (empty message, prompt too long, server busy) show up in the page as gr.Warning /
   gr.Error, and the typed message is kept in the box when it could not be sent.
 """
@@ -25,7 +26,7 @@ import gradio as gr
 from qwen_generation_utils import DEFAULT_SYSTEM
 
 from .chat_backend import ChatBackend, GenerationError
-from .engine import Engine, PromptTooLongError, QueueFullError, SamplingParams
+from .engine import Engine, PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
@@ -62,7 +63,7 @@ class WebChat:
         # shared with the API server: checkpoint defaults, stop tokens and strings, streamed text
         self.backend = ChatBackend(model, tokenizer, engine)
         self.defaults = defaults or self.checkpoint_defaults()
-        self._busy: set[str] = set()  # sessions with an answer being written
+        self._running: dict[str, RequestHandle] = {}  # session -> the engine request of its answer
 
     def checkpoint_defaults(self) -> Defaults:
         """The checkpoint's generation_config.json sampling settings (greedy when it does not sample)."""
@@ -90,12 +91,12 @@ class WebChat:
     async def stream(self, query: str, history: History, system: str, temperature: float, top_p: float,
                      max_new_tokens: int, session: str) -> AsyncIterator[History]:
         """The history with the new turn, once per streamed piece of the answer (raw model text)."""
-        if session in self._busy:
+        if session in self._running:
             gr.Warning(BUSY_MESSAGE)
             return
         params = self.sampling_params(temperature, top_p, max_new_tokens)
         handle = self.submit(query, history, system, params)
-        self._busy.add(session)
+        self._running[session] = handle
         response = ""
         try:
             yield [*history, (query, response)]
@@ -107,7 +108,17 @@ class WebChat:
             yield list(history)
             raise gr.Error(f"The answer could not be written: {exc}") from exc
         finally:  # also on cancellation (Stop, Clear, the browser going away): pieces() cancels the request
-            self._busy.discard(session)
+            self._running.pop(session, None)
+            handle.cancel()
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop: cancel this session's answer in the engine; its stream ends as a finished answer does.
+
+        Not gradio's `cancels=`: a cancelled event can leave the page's progress indicator busy when the last
+        streamed update crosses the cancellation, while a stream that ends by itself always completes.
+        """
+        handle = self._running.get(request.session_hash)
+        if handle is not None:
             handle.cancel()
 
     async def respond(self, query: str, history: History, system: str, temperature: float, top_p: float,
@@ -166,7 +177,7 @@ def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
         answering = gr.on([submit.click, query.submit], chat.respond, [query, history, *settings],
                           [chatbot, history, query], **limits)
         regenerating = regenerate.click(chat.regenerate, [history, *settings], [chatbot, history], **limits)
-        stop.click(None, cancels=[answering, regenerating])
+        stop.click(chat.stop, None, None, queue=False)
         clear.click(lambda: ([], []), None, [chatbot, history], cancels=[answering, regenerating])
     return demo
 
