@@ -1,7 +1,10 @@
-"""Greedy decoding speed at batch 1: our QWenLMHeadModel vs transformers' Qwen2ForCausalLM, same weights.
+"""Batch-1 speed, our QWenLMHeadModel vs transformers' Qwen2ForCausalLM on the same weights: greedy decoding
+(tokens/s of generate()) and prefill (prompt tokens/s of one forward over --prefill-tokens).
 
 Both models get the same random QWen weights (converted for Qwen2 with qwen.weights.qwen_to_qwen2), the same
-dtype, device, prompt and number of new tokens; runs alternate between the two and the median is reported.
+dtype, device, prompt and number of new tokens; runs alternate between the two and the median is reported. Ours
+runs as the scripts run it: on the CPU with its linear weights packed for oneDNN (qwen.packed_linear;
+`--weight-layout plain` to compare the plain layout); transformers' as it comes.
 
     python -m bench.decode_bench                       # ~190M params, fp32 on CPU (bf16 on CUDA)
     python -m bench.decode_bench --device cuda --dtype bfloat16 --new-tokens 256
@@ -16,6 +19,7 @@ from transformers import Qwen2ForCausalLM
 
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel
+from qwen.packed_linear import pack_linear_weights
 from qwen.weights import qwen_to_qwen2
 
 
@@ -31,6 +35,9 @@ def parse_args():
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--weight-layout", choices=("packed", "plain"), default="packed",
+                        help="ours on the CPU: linear weights packed for oneDNN (as the scripts) or plain")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args()
@@ -47,6 +54,16 @@ def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
         torch.cuda.synchronize()
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return new_tokens / (time.perf_counter() - start)
+
+
+def prefill_tokens_per_second(model, prompt: torch.Tensor) -> float:
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(prompt, logits_to_keep=1)  # what generate() and the engine ask for: the last position's logits
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return prompt.shape[1] / (time.perf_counter() - start)
 
 
 def main():
@@ -68,10 +85,14 @@ def main():
     ours, peer = ours.to(args.device, dtype), peer.to(args.device, dtype)
     for model in (ours, peer):
         model.generation_config.eos_token_id = None  # decode exactly --new-tokens
+    layout = "plain"
+    if args.weight_layout == "packed" and pack_linear_weights(ours):
+        layout = "packed"
 
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(f"{params:.0f}M params, {dtype}, {args.device}, threads={torch.get_num_threads()}, "
-          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, batch 1")  # fmt: skip
+          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, prefill {args.prefill_tokens}, batch 1; "
+          f"ours with {layout} linear weights")  # fmt: skip
     prompt = torch.randint(1, args.vocab_size, (1, args.prompt_tokens), device=args.device)
     with torch.inference_mode():
         # Same weights, same function (sanity check of the comparison). Logits, not greedy ids: random weights give
@@ -82,15 +103,20 @@ def main():
             raise SystemExit(f"the two models disagree (max logit difference {difference:.1e} > {tolerance}): "
                              "the comparison would be meaningless")
         print(f"same function: max logit difference {difference:.1e}")
-        speeds = {"QWenLMHeadModel": [], "Qwen2ForCausalLM": []}
+        long_prompt = torch.randint(1, args.vocab_size, (1, args.prefill_tokens), device=args.device)
+        models = {"QWenLMHeadModel": ours, "Qwen2ForCausalLM": peer}
+        speeds = {(phase, name): [] for phase in ("decode", "prefill") for name in models}
         for _ in range(args.runs):  # alternate, so that machine load hits both alike
-            speeds["QWenLMHeadModel"].append(tokens_per_second(ours, prompt, args.new_tokens))
-            speeds["Qwen2ForCausalLM"].append(tokens_per_second(peer, prompt, args.new_tokens))
-    medians = {name: statistics.median(values) for name, values in speeds.items()}
-    for name, value in medians.items():
-        print(f"{name:18s} {value:8.1f} tokens/s (median of {args.runs}; runs: "
-              f"{', '.join(f'{v:.1f}' for v in speeds[name])})")  # fmt: skip
-    print(f"ratio QWenLMHeadModel / Qwen2ForCausalLM: {medians['QWenLMHeadModel'] / medians['Qwen2ForCausalLM']:.2f}x")
+            for name, model in models.items():
+                speeds["decode", name].append(tokens_per_second(model, prompt, args.new_tokens))
+                speeds["prefill", name].append(prefill_tokens_per_second(model, long_prompt))
+    medians = {key: statistics.median(values) for key, values in speeds.items()}
+    for (phase, name), value in medians.items():
+        print(f"{phase:7s} {name:18s} {value:8.1f} tokens/s (median of {args.runs}; runs: "
+              f"{', '.join(f'{v:.1f}' for v in speeds[phase, name])})")  # fmt: skip
+    for phase in ("decode", "prefill"):
+        ratio = medians[phase, "QWenLMHeadModel"] / medians[phase, "Qwen2ForCausalLM"]
+        print(f"{phase} ratio QWenLMHeadModel / Qwen2ForCausalLM: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

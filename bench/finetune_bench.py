@@ -7,7 +7,13 @@ supervised answer. Each variant trains the same randomly initialised QWen model 
 on the same batches in its own process, so peak memory is its own. Supervised tokens/s and peak memory are
 printed with the ratio ours / original, and plotted to a PNG.
 
-    python -m bench.finetune_bench                                      # small model, fp32, CPU
+--method lora (the default, as finetune_lora_ds.sh: a -Chat model, LoRA with the original's defaults r=64,
+alpha=16 on c_attn / c_proj / w1 / w2, embedding and output layer frozen) or full (every weight, torch AdamW, as
+finetune_ds.sh). Under full fine-tuning of a small model the AdamW update of Qwen's 151,936-row embedding and
+output layer is a fixed cost per step that no collation changes, which hides the difference on a CPU.
+
+    python -m bench.finetune_bench                                      # small model, LoRA, fp32, CPU
+    python -m bench.finetune_bench --method full                        # full fine-tuning
     python -m bench.finetune_bench --shape 1.8b --device cuda --dtype bfloat16   # Qwen-1.8B's shape on a GPU
 """
 
@@ -30,6 +36,7 @@ VARIANTS = ("original", "padding", "packing")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, else fp32)")
     parser.add_argument("--vocab-size", type=int, default=151936, help="Qwen's (the output layer is a large cost)")
@@ -80,7 +87,17 @@ def run_variant(variant: str, args, queue) -> None:
     )
     torch.manual_seed(args.seed)
     model = QWenLMHeadModel(config).to(device=args.device, dtype=dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from qwen.sft import LoraArguments
+
+        defaults = LoraArguments()  # finetune.py's defaults, the original's
+        model = get_peft_model(model, LoraConfig(
+            r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
+            target_modules=defaults.lora_target_modules, task_type="CAUSAL_LM",
+        ))  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed, args.vocab_size)
     batches = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
     supervised, tokens, seconds = 0, 0, 0.0
@@ -120,7 +137,7 @@ def plot(results: dict, args) -> None:
     speed.set_title("supervised tokens / s (higher is better)")
     memory.bar(names, [results[n]["peak_gib"] for n in names], color=["#999", "#7aa6d6", "#2b6cb0"])
     memory.set_title("peak memory, GiB (lower is better)")
-    fig.suptitle(f"fine-tuning, {args.shape} model, {args.device}, model_max_length {args.model_max_length}")
+    fig.suptitle(f"{args.method} fine-tuning, {args.shape} model, {args.device}, model_max_length {args.model_max_length}")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)
     print(f"plot: {args.plot}")
@@ -138,7 +155,8 @@ def main(argv=None) -> None:
         process.join()
     samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed, args.vocab_size)
     lengths = sorted(len(s.input_ids) for s in samples)
-    print(f"{args.shape} model on {args.device}, {args.batch_size} samples per step, {args.steps} timed steps; "
+    print(f"{args.shape} model, {args.method} fine-tuning on {args.device}, {args.batch_size} samples per step, "
+          f"{args.steps} timed steps; "
           f"sample lengths min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, "
           f"model_max_length {args.model_max_length}")
     print(f"{'collation':<10} {'supervised tok/s':>17} {'tokens computed':>16} {'peak GiB':>9}")

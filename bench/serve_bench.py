@@ -6,6 +6,8 @@ streams a chat completion (greedy, --max-tokens, `ignore_eos` for servers that k
 client; tokens are counted from the final usage chunk. Prints tokens/s for 1 and N clients, their ratio (target
 >= 5x), p50/p95 TTFT and the server's peak memory; with --peer, the same for the peer and ours / peer per round
 (rounds interleaved: ours 1, peer 1, ours N, peer N, ...), so load from elsewhere on the machine hits both alike.
+With --peer-pid, the server not being measured is paused (SIGSTOP, then SIGCONT), so neither pays for the other
+idling (vLLM's engine loop keeps a third of a core busy while idle).
 
     python -m bench.serve_bench [-c CHECKPOINT] [--clients 8] [--max-tokens 128] [--rounds 3] [--url URL]
                                 [--peer http://127.0.0.1:8001 --peer-name vLLM --peer-pid PID] [--plot FILE.png]
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -73,22 +76,56 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
             process.wait()
 
 
-def peak_memory(pid: int) -> int:
-    """Peak resident bytes (VmHWM) of process `pid` and all its descendants (vLLM runs several processes)."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (vLLM runs several processes)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
-        current = todo.pop()
+        tree.append(current := todo.pop())
         todo += children.get(current, [])
+    return tree
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ("T": stopped), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def peak_memory(pid: int) -> int:
+    """Peak resident bytes (VmHWM) of process `pid` and all its descendants."""
+    total = 0
+    for current in process_tree(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+@contextlib.contextmanager
+def paused(pids: list[int]):
+    """The servers `pids` (with their children) stopped for the duration: an idle server's background threads
+    (vLLM's engine loop polls while idle) would otherwise take CPU from the server being measured."""
+    stopped = [p for pid in pids for p in process_tree(pid)]
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(process_state(p) not in ("T", "gone") for p in stopped):
+        time.sleep(0.01)  # the signal is delivered asynchronously
+    try:
+        yield
+    finally:
+        for p in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
 
 
 async def served_model(url: str) -> str:
@@ -179,6 +216,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="--threads of the started server")
     parser.add_argument("--server-arg", action="append", default=[], help="another flag for openai_api.py")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of the results")
+    parser.add_argument("--no-pause", action="store_true",
+                        help="leave the other server running while one is measured (default: with --peer-pid, "
+                             "each server is paused with SIGSTOP while the other is measured)")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
@@ -191,12 +231,17 @@ def main() -> int:
         for name, url in servers.items():  # warm-up
             asyncio.run(run_round(url, models[name], 1, 4, 0))
         rounds = {name: {1: [], args.clients: []} for name in servers}
+        pids = {"ours": pid, args.peer_name: args.peer_pid} if args.peer and not args.no_pause else {}
+        pausing = bool(pids) and None not in pids.values()
         for r in range(args.rounds):  # interleaved, so a change in machine load hits every case alike
             for clients in (1, args.clients):
                 for name, url in servers.items():
-                    result = asyncio.run(run_round(url, models[name], clients, args.max_tokens, r * clients))
+                    others = [p for other, p in pids.items() if other != name] if pausing else []
+                    with paused(others):
+                        result = asyncio.run(run_round(url, models[name], clients, args.max_tokens, r * clients))
                     rounds[name][clients].append(result)
-        print(f"{args.max_tokens} tokens per request, greedy, {args.rounds} interleaved rounds")
+        print(f"{args.max_tokens} tokens per request, greedy, {args.rounds} interleaved rounds"
+              + (", the other server paused (SIGSTOP) while one is measured" if pausing else ""))
         memory = {"ours": peak_memory(pid) if pid else None, args.peer_name: None}
         if args.peer_pid:
             memory[args.peer_name] = peak_memory(args.peer_pid)

@@ -20,7 +20,8 @@ EXIT_USER_ERROR = 2  # as argparse: a usage mistake
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool = True) -> None:
-    """-c/--checkpoint-path (default: the offline demo model), --cpu-only, --dtype and --device."""
+    """-c/--checkpoint-path (default: the offline demo model), --cpu-only, --dtype, --device, the KV cache's
+    precision and the CPU weight layout."""
     default = "the offline demo model" if demo_default else "required"
     parser.add_argument("-c", "--checkpoint-path", default=None,
                         help=f"hub id or checkpoint directory (default: {default})")
@@ -31,6 +32,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool =
                         help="cpu, cuda, cuda:N, mps, or auto (default: every GPU when there is one, else cpu)")
     parser.add_argument("--use-cache-quantization", action="store_true", default=None,
                         help="store the KV cache in int8 (config.json's use_cache_quantization; ~1/4 of fp32)")
+    parser.add_argument("--weight-layout", default="packed", choices=("packed", "plain"),
+                        help="on the CPU, reorder linear weights once for oneDNN (packed, default: faster) or keep "
+                             "them as loaded (plain); GPUs and quantized layers are not affected")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -72,13 +76,18 @@ def set_threads(threads: int | None) -> int:
 
 
 def load_checkpoint(args: argparse.Namespace, **kwargs):
-    """(model, tokenizer) for the flags add_checkpoint_args() added; raises CheckpointError for a bad one."""
+    """(model, tokenizer) for inference, per the flags add_checkpoint_args() added; raises CheckpointError for a
+    bad checkpoint. On the CPU the linear weights are packed for oneDNN unless --weight-layout plain."""
     from .loading import load_model_and_tokenizer
+    from .packed_linear import pack_linear_weights
 
-    return load_model_and_tokenizer(
+    model, tokenizer = load_model_and_tokenizer(
         args.checkpoint_path, cpu_only=args.cpu_only, dtype=args.dtype, device=args.device,
         use_cache_quantization=getattr(args, "use_cache_quantization", None), **kwargs
     )
+    if args.weight_layout == "packed":
+        pack_linear_weights(model)
+    return model, tokenizer
 
 
 def port(value: str) -> int:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import REPO
 
@@ -26,11 +27,12 @@ def children_of(pid: int) -> list[int]:
 
 def test_decode_bench_runs_and_prints_the_ratio():
     small = ["--layers", "1", "--hidden-size", "64", "--heads", "4", "--mlp-width", "128", "--vocab-size", "1000",
-             "--new-tokens", "4", "--runs", "1"]  # fmt: skip
+             "--new-tokens", "4", "--prefill-tokens", "16", "--runs", "1"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "bench.decode_bench", *small], cwd=REPO, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "same function" in done.stdout and "ratio QWenLMHeadModel / Qwen2ForCausalLM" in done.stdout
+    assert "same function" in done.stdout and "with packed linear weights" in done.stdout
+    assert "decode ratio QWenLMHeadModel / Qwen2ForCausalLM" in done.stdout and "prefill ratio" in done.stdout
 
 
 def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
@@ -64,7 +66,33 @@ def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
              "--peer-pid", str(peer_pid), "--plot", str(tmp_path / "serve.png")],
             cwd=REPO, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
+        peer_state = Path(f"/proc/{peer_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert done.returncode == 0, done.stderr
-    for line in ("ours  2 client(s)", "other  2 client(s)", "ours / other, 2 client(s)", "peak memory ours / other"):
+    for line in ("ours  2 client(s)", "other  2 client(s)", "ours / other, 2 client(s)", "peak memory ours / other",
+                 "the other server paused (SIGSTOP)"):
         assert line in done.stdout, done.stdout
     assert (tmp_path / "serve.png").stat().st_size > 0
+    assert peer_state != "T"  # resumed once the bench is done
+
+
+def test_paused_stops_a_server_and_its_children_then_resumes_them():
+    from bench.serve_bench import paused, process_state, process_tree
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:  # the child is started
+            time.sleep(0.1)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2
+        with paused([parent.pid]):
+            assert [process_state(p) for p in tree] == ["T", "T"]
+        deadline = time.monotonic() + 10  # SIGCONT is delivered asynchronously too
+        while "T" in [process_state(p) for p in tree] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "T" not in [process_state(p) for p in tree]
+    finally:
+        for p in process_tree(parent.pid)[::-1]:
+            os.kill(p, signal.SIGKILL)
+        parent.wait()

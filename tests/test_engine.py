@@ -2,6 +2,7 @@
 
 import asyncio
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -287,3 +288,19 @@ def test_async_streams_leave_the_event_loop_free(model):
         streams, ticks_during_generation = asyncio.run(main(engine))
     assert streams == expected
     assert ticks_during_generation > 10  # the ticker kept running while tokens were being generated
+
+
+def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(model):
+    """A burst after a short pause reuses the KV cache (no new allocation); a long pause frees it."""
+    with Engine(model, idle_release_s=1.0) as engine:
+        engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
+        storage = [t.data_ptr() for layer in engine._cache.layers for t in layer.tensors]
+        assert engine._cache.nbytes() > 0  # finished, and still held
+        engine.submit([8, 9], SamplingParams(max_new_tokens=4, temperature=0)).result()
+        assert [t.data_ptr() for layer in engine._cache.layers for t in layer.tensors] == storage  # reused
+        deadline = time.monotonic() + 30
+        while engine._cache.nbytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine._cache.nbytes() == 0
+        tokens, final = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
+        assert final.reason == "length" and tokens == reference(model, [5, 6, 7], 4)

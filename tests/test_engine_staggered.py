@@ -6,6 +6,7 @@ import torch
 from conftest import build_engine_model as _build
 
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from qwen.packed_linear import pack_linear_weights
 
 # (step it is submitted at, prompt, max_new_tokens); the tiny QWen's seq_length is 8, so prompts above 8 tokens
 # start under dynamic NTK, and rows growing past 8 or 16 tokens cross an NTK boundary in the batch
@@ -35,9 +36,11 @@ def alone(model, prompt, n):
     return [e for e in handle if isinstance(e, TokenEvent)]
 
 
-@pytest.mark.parametrize("name", ["qwen", "llama"])
+@pytest.mark.parametrize("name", ["qwen", "llama", "qwen-packed"])
 def test_staggered_joins_and_cancels_match_each_request_alone(name):
-    model = _build(name)
+    model = _build(name.removesuffix("-packed"))
+    if name.endswith("-packed"):  # what the scripts serve on the CPU
+        assert pack_linear_weights(model) > 0
     engine = Engine(model, max_batch_size=6, prefill_chunk=CHUNK)
     handles, events, step, chunked = {}, {i: [] for i in range(len(REQUESTS))}, 0, set()
     while step < 8 or engine.num_running or engine.num_waiting:
@@ -55,7 +58,7 @@ def test_staggered_joins_and_cancels_match_each_request_alone(name):
         step += 1
     assert id(handles[0]) in chunked
     # under dynamic NTK a prompt whose first chunk would have another alpha is prefilled whole
-    assert (id(handles[2]) in chunked) == (name != "qwen")
+    assert (id(handles[2]) in chunked) == (not name.startswith("qwen"))
     for i, (_, prompt, n) in enumerate(REQUESTS):
         expected = alone(model, prompt, n)
         tokens = [e for e in events[i] if isinstance(e, TokenEvent)]

@@ -216,10 +216,12 @@ def test_demo_model_learns_a_fact_it_cannot_know(tmp_path, demo_checkpoint):
     assert "Bluebird" in ask_cli(merged, BLUEBIRD_QUESTIONS[0])
 
 
-def test_finetune_bench_runs_and_prints_the_ratio(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetune_bench_runs_and_prints_the_ratio(tmp_path, method):
     plot = tmp_path / "bench.png"
     done = subprocess.run([sys.executable, "-m", "bench.finetune_bench", "--shape", "tiny", "--vocab-size", "1000",
-                           "--steps", "1", "--batch-size", "4", "--plot", str(plot)],
+                           "--steps", "1", "--batch-size", "2", "--method", method, "--plot", str(plot)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "packing vs original:" in done.stdout and plot.stat().st_size > 0
+    assert f"{method} fine-tuning" in done.stdout and "packing vs original:" in done.stdout
+    assert plot.stat().st_size > 0
