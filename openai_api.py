@@ -13,7 +13,9 @@ import sys
 
 # Before torch loads OpenMP: idle compute threads sleep instead of spinning on cores the server needs (under outside
 # load the default spinning made each decode step 10-40x slower on 2 cores; see README "Threads").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# GOMP_SPINCOUNT (or OMP_WAIT_POLICY) in the environment chooses otherwise: spinning is faster on a dedicated machine.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue, **safety_settings(args))
+                     max_queue=args.max_queue, threads=args.threads, **safety_settings(args))
     if args.disable_gc:
         gc.disable()
     serve(app, host=args.server_name, port=args.server_port)

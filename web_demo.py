@@ -12,7 +12,9 @@ import sys
 
 # Before torch loads OpenMP: idle compute threads sleep instead of spinning on cores the server needs (under outside
 # load the default spinning made each decode step 10-40x slower on 2 cores; see README "Threads").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# GOMP_SPINCOUNT (or OMP_WAIT_POLICY) in the environment chooses otherwise: spinning is faster on a dedicated machine.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_server(args)
         model, tokenizer = load_checkpoint(args)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
-                    max_context=model_context_length(model), decodable_tokens=len(tokenizer))
+                    max_context=model_context_length(model), decodable_tokens=len(tokenizer), threads=args.threads)
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     chat = WebChat(model, tokenizer, engine, title=title)
     overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")

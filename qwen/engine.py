@@ -299,10 +299,12 @@ class Engine:
         self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
         prefill_chunk: int | None = None,
         decodable_tokens: int | None = None, idle_release_s: float = DEFAULT_IDLE_RELEASE_S,
+        threads: int | None = None,
     ):
         """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
         more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
-        rows past the tokenizer are padding that nothing can decode, so they are masked out."""
+        rows past the tokenizer are padding that nothing can decode, so they are masked out.
+        threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set)."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
@@ -313,7 +315,7 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.dtype = next(model.parameters()).dtype
-        self.prefill_chunk, self.idle_release_s = prefill_chunk, idle_release_s
+        self.prefill_chunk, self.idle_release_s, self.threads = prefill_chunk, idle_release_s, threads
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.decodable_tokens = decodable_tokens
         self.max_batch_size, self.max_queue, self.max_context = max_batch_size, max_queue, max_context
@@ -431,6 +433,8 @@ class Engine:
     # ---- engine side (the engine thread, or a test calling step()) ----
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._work:

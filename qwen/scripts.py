@@ -48,17 +48,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_server(args: argparse.Namespace) -> None:
-    """Before a server loads its model: the port is free (UsageError naming --server-port), threads are set."""
-    check_port_free(args.server_name, args.server_port)
-    set_threads(args.threads)
+    """Before a server loads its model: the port is free (UsageError naming --server-port), and args.threads
+    becomes the engine thread's number of compute threads (the default above when not given).
 
-
-def set_threads(threads: int | None) -> int:
-    """Give torch `threads` compute threads (None: the default above); returns the number used.
-
-    The OpenMP wait policy cannot change once torch is loaded: entry scripts set OMP_WAIT_POLICY=PASSIVE in the
-    environment before importing torch (idle compute threads then sleep instead of spinning on cores the server's
-    own threads and other programs need). Set it yourself when importing qwen from your own program.
+    This thread keeps one: the model then runs its math only on the engine thread, so the process has a single
+    OpenMP team. With a second team (this thread's, from loading) OpenMP counts more threads than cores and makes
+    idle threads sleep at once, which halves the speed of small decode steps whenever spinning is allowed (see
+    README "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
+    OMP_WAIT_POLICY=PASSIVE in the environment before importing torch, unless it or GOMP_SPINCOUNT is set.
     """
     import os
 
@@ -66,13 +63,13 @@ def set_threads(threads: int | None) -> int:
 
     from .errors import UsageError
 
+    check_port_free(args.server_name, args.server_port)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threads is None:
-        threads = cores - 1 if cores > 2 else cores
-    elif threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
-    return threads
+    if args.threads is None:
+        args.threads = cores - 1 if cores > 2 else cores
+    elif args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(1)
 
 
 def load_checkpoint(args: argparse.Namespace, **kwargs):
@@ -144,4 +141,4 @@ def exit_on_user_error():
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "set_threads", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
+__all__ = ["add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]

@@ -747,14 +747,16 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
                max_context: int | None = None, allowed_origins: Sequence[str] = (),
                allow_credentials: bool = False, accept_any_model: bool = False,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
-               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None) -> FastAPI:
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None,
+               threads: int | None = None) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread runs while the app does (lifespan).
 
     api_key: accept `Authorization: Bearer <api_key>`; api_auth: accept HTTP Basic "user:pass". With neither,
     no auth; an empty one is refused (ValueError). allowed_origins: web origins whose pages may call the API
     (CORS; none by default, "*" for any), with cookies / HTTP auth only if allow_credentials (not with "*").
     accept_any_model: answer whatever `model` a request names (else 404 for names not in model_names).
-    max_context defaults to the model's max_position_embeddings (or seq_length).
+    max_context defaults to the model's max_position_embeddings (or seq_length). threads: the engine thread's
+    compute threads (openai_api.py: --threads).
     """
     check_secrets(api_key, api_auth)
     if allow_credentials and "*" in allowed_origins:
@@ -762,7 +764,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     if max_context is None:
         max_context = model_context_length(model)
     engine = engine or Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_context=max_context,
-                              decodable_tokens=len(tokenizer))
+                              decodable_tokens=len(tokenizer), threads=threads)
     server = OpenAIServer(model, tokenizer, engine, model_names, accept_any_model=accept_any_model,
                           shutdown_timeout=shutdown_timeout)
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import importlib.util
+import os
 import time
 
 import pytest
@@ -304,3 +305,16 @@ def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(m
         assert engine._cache.nbytes() == 0
         tokens, final = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
         assert final.reason == "length" and tokens == reference(model, [5, 6, 7], 4)
+
+
+def test_the_engine_thread_runs_with_its_own_thread_count(model):
+    """--threads goes to the engine thread; the loading thread keeps one, so the process has one OpenMP team."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    try:
+        with Engine(model, threads=1) as engine:
+            engine.submit([5, 6, 7], SamplingParams(max_new_tokens=2, temperature=0)).result()
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == max(1, min(2, os.cpu_count() or 1))  # this thread's setting is untouched

@@ -73,3 +73,25 @@ def test_web_demo_banner_names_our_share_flag(tiny):
         rest, _ = process.communicate(timeout=30)
     output += rest
     assert "share=True" not in output and "Warning" not in output, output
+
+
+@pytest.mark.parametrize("given, expected", [([], None), (["--threads", "1"], 1)])
+def test_prepare_server_gives_the_threads_to_the_engine_and_keeps_one(given, expected):
+    import argparse
+    import os
+
+    import torch
+
+    from qwen.scripts import add_server_args, prepare_server
+
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    args = parser.parse_args(["--server-port", "0", *given])
+    before = torch.get_num_threads()
+    try:
+        prepare_server(args)
+        assert torch.get_num_threads() == 1  # loading and serving threads never start a second OpenMP team
+        cores = len(os.sched_getaffinity(0))
+        assert args.threads == (expected or (cores - 1 if cores > 2 else cores))
+    finally:
+        torch.set_num_threads(before)
