@@ -85,11 +85,11 @@ def main():
     ours, peer = ours.to(args.device, dtype), peer.to(args.device, dtype)
     for model in (ours, peer):
         model.generation_config.eos_token_id = None  # decode exactly --new-tokens
+    params = sum(p.numel() for p in ours.parameters()) / 1e6  # before packing: packed weights are not parameters
     layout = "plain"
     if args.weight_layout == "packed" and pack_linear_weights(ours):
         layout = "packed"
 
-    params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(f"{params:.0f}M params, {dtype}, {args.device}, threads={torch.get_num_threads()}, "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, prefill {args.prefill_tokens}, batch 1; "
           f"ours with {layout} linear weights")  # fmt: skip
