@@ -149,7 +149,22 @@ def test_regenerate_answers_the_last_message_again(make_chat, demo_tokenizer):
     assert updates[-1][1] == [("Capital of France?", "Paris."), ("Capital of Germany?", "Berlin, again.")]
 
 
-def test_stop_cancels_the_engine_request_and_the_answer_ends_with_its_partial_text(make_chat):
+async def _stop_button(chat, engine, task):
+    chat.stop(request("another-browser"))  # someone else's Stop touches nothing
+    await asyncio.sleep(0.01)
+    assert not engine.handles[0].cancelled and not task.done()
+    chat.stop(request())
+    await asyncio.wait_for(task, 5)  # the stream ends by itself, so gradio completes the event
+
+
+async def _cancelled_event(chat, engine, task):
+    task.cancel()  # what gradio does for Clear (cancels=[...]) and for a page that goes away
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("leave", [_stop_button, _cancelled_event])
+def test_stopping_cancels_the_engine_request_and_keeps_the_partial_answer(make_chat, leave):
     chat, engine = make_chat(replies=["The history of Rome begins", "Paris."], hold=True)
     seen = []
 
@@ -158,31 +173,7 @@ def test_stop_cancels_the_engine_request_and_the_answer_ends_with_its_partial_te
         task = asyncio.create_task(_collect_into(stream, seen))
         while not (seen and seen[-1][1][-1][1] == "The history of Rome begins"):
             await asyncio.sleep(0.001)
-        chat.stop(request("another-browser"))  # someone else's Stop touches nothing
-        await asyncio.sleep(0.01)
-        assert not engine.handles[0].cancelled and not task.done()
-        chat.stop(request())  # the Stop button
-        await asyncio.wait_for(task, 5)  # the stream ends by itself, so gradio completes the event
-
-    asyncio.run(scenario())
-    assert engine.handles[0].cancelled and not chat._running
-    assert seen[-1][1] == [("Write an essay about Rome.", "The history of Rome begins")]
-    engine.hold = False
-    assert send(chat, "Capital of France?", seen[-1][1])[-1][1][-1] == ("Capital of France?", "Paris.")
-
-
-def test_a_cancelled_event_cancels_the_engine_request_and_keeps_the_partial_answer(make_chat):
-    chat, engine = make_chat(replies=["The history of Rome begins", "Paris."], hold=True)
-    seen = []
-
-    async def scenario():
-        stream = chat.respond("Write an essay about Rome.", [], SYSTEM, 0, 1, 64, request())
-        task = asyncio.create_task(_collect_into(stream, seen))
-        while not (seen and seen[-1][1][-1][1] == "The history of Rome begins"):
-            await asyncio.sleep(0.001)
-        task.cancel()  # what gradio does for Clear (cancels=[...]) and a page that goes away
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await leave(chat, engine, task)
 
     asyncio.run(scenario())
     assert engine.handles[0].cancelled and not chat._running
