@@ -76,7 +76,9 @@ def collate(variant: str, samples, max_len: int, pad_id: int) -> dict:
 def run_variant(variant: str, args, queue) -> None:
     from qwen.configuration_qwen import QWenConfig
     from qwen.modeling_qwen import QWenLMHeadModel
+    from qwen.scripts import quiet_libraries
 
+    quiet_libraries()  # a fresh process: keep library deprecation notes out of the report
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32

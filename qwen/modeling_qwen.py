@@ -404,6 +404,7 @@ class QWenModel(QWenPreTrainedModel):
             cache = make_cache(self.config)  # int8 when config.use_cache_quantization
         past_length = cache.get_seq_length() if cache is not None else 0
 
+        positions_given = position_ids is not None
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # Left-padded rows count positions from their first real token.
@@ -428,7 +429,12 @@ class QWenModel(QWenPreTrainedModel):
 
         # Long context (inference only, as the original): per-row NTK alpha and logN query scaling.
         seq_length = self.config.seq_length
-        max_position = int(position_ids.max())
+        if cache is not None or not positions_given:
+            # positions count tokens, so none reaches past the cache plus the new tokens: a bound known on the host,
+            # where reading position_ids would wait for the device at every step
+            max_position = past_length + length - 1
+        else:  # a caller's own positions and no cache: read them
+            max_position = int(position_ids.max())
         ntk_alphas, query_scale = None, None
         if not self.training and max_position + 1 > seq_length:
             if self.config.use_dynamic_ntk:

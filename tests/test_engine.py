@@ -318,3 +318,35 @@ def test_the_engine_thread_runs_with_its_own_thread_count(model):
         hook.remove()
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == max(1, min(2, os.cpu_count() or 1))  # this thread's setting is untouched
+
+
+@pytest.mark.skipif(not HAS_QWEN_MODEL, reason="needs qwen.modeling_qwen")
+def test_a_qwen_decode_step_reads_nothing_back_from_the_device(monkeypatch):
+    """On a GPU every value read on the host (int(t), t.item(), t.tolist()) waits for the device: a decode step
+    within seq_length needs none (positions are bounded by the cache's length, known on the host)."""
+    from qwen.configuration_qwen import QWenConfig
+    from qwen.modeling_qwen import QWenLMHeadModel
+
+    torch.manual_seed(0)
+    config = QWenConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
+                        intermediate_size=256, seq_length=2048)
+    model = QWenLMHeadModel(config).eval()
+    engine = Engine(model, max_batch_size=2)
+    engine.submit([5, 6, 7], greedy(4))
+    engine.submit([8, 9], greedy(4))
+    engine.step()  # admit and prefill; the next steps only decode
+    reads = []
+    forward = model.forward
+
+    def watched(*args, **kwargs):
+        for name in ("__int__", "item", "tolist", "__bool__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(model, "forward", watched)
+    engine.step()
+    assert engine.num_running == 2 and reads == []
