@@ -21,7 +21,9 @@ import argparse
 import multiprocessing
 import random
 import resource
+import sys
 import time
+from queue import Empty
 
 import torch
 
@@ -153,7 +155,14 @@ def main(argv=None) -> None:
         queue = context.Queue()
         process = context.Process(target=run_variant, args=(variant, args, queue))
         process.start()
-        results[variant] = queue.get()
+        while True:  # a variant that dies (e.g. killed for memory) must not leave us waiting forever
+            try:
+                results[variant] = queue.get(timeout=5)
+                break
+            except Empty:
+                if not process.is_alive():
+                    sys.exit(f"the {variant} variant died (exit code {process.exitcode}; killed for memory?): "
+                             "try a smaller --batch-size or --model-max-length")
         process.join()
     samples = make_samples(args.batch_size * (args.steps + 1), args.model_max_length, args.seed, args.vocab_size)
     lengths = sorted(len(s.input_ids) for s in samples)

@@ -55,7 +55,7 @@ def prepare_server(args: argparse.Namespace) -> None:
     OpenMP team. With a second team (this thread's, from loading) OpenMP counts more threads than cores and makes
     idle threads sleep at once, which halves the speed of small decode steps whenever spinning is allowed (see
     README "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
-    OMP_WAIT_POLICY=PASSIVE in the environment before importing torch, unless it or GOMP_SPINCOUNT is set.
+    GOMP_SPINCOUNT=1000 in the environment before importing torch, unless it or OMP_WAIT_POLICY is set.
     """
     import os
 

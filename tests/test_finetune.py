@@ -101,6 +101,26 @@ def test_lora_on_a_base_model_loads_everywhere_and_merges(tmp_path, tiny_base):
     torch.testing.assert_close(logits(full, ids), expected, rtol=0.05, atol=0.05)  # bf16 rounding of the merge
 
 
+def test_lora_bias_all_trains_saves_and_loads_the_biases(tmp_path, tiny_chat):
+    """--lora_bias all (the original's save path lost the biases): they train, are saved with the adapter and
+    come back when the adapter is loaded."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora-bias"
+    train(["--model_name_or_path", str(tiny_chat), "--data_path", str(EXAMPLE_DATA), "--output_dir", str(out),
+           "--use_lora", "True", "--lora_r", "4", "--lora_bias", "all", "--learning_rate", "1e-2", "--max_steps", "2",
+           "--per_device_train_batch_size", "4", *QUICK])
+    saved = load_file(out / "adapter_model.safetensors")
+    biases = {key: value for key, value in saved.items() if ".c_attn." in key and key.endswith(".bias")}
+    assert len(biases) == 2  # c_attn is QWen's one projection with a bias; one per layer of the tiny model
+    base, _ = load_model_and_tokenizer(str(tiny_chat), cpu_only=True)
+    adapted, _ = load_model_and_tokenizer(str(out), cpu_only=True)
+    for layer in range(2):
+        trained = adapted.transformer.h[layer].attn.c_attn.bias
+        assert not torch.allclose(trained, base.transformer.h[layer].attn.c_attn.bias)  # trained
+        assert any(torch.equal(trained, value) for value in biases.values())  # and loaded from the adapter
+
+
 def test_qlora_trains_adapters_on_4bit_weights_on_the_cpu(tmp_path, tiny_chat):
     from bitsandbytes.nn import Linear4bit
 
