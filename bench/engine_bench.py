@@ -22,6 +22,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from qwen.compat import cache_kwargs
 from qwen.engine import Engine, SamplingParams
+from qwen.packed_linear import pack_linear_weights
 
 
 def build_model(arch: str):
@@ -113,11 +114,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--contexts", default=None, help="e.g. 100,4000: decode cost by context length instead")
+    parser.add_argument("--weight-layout", choices=("packed", "plain"), default="packed",
+                        help="linear weights packed for oneDNN on the CPU (as the scripts run) or plain")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = build_model(args.arch).to(getattr(torch, args.dtype))
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # before packing: packed weights are not parameters
+    if args.weight_layout == "packed":
+        pack_linear_weights(model)
     rng = random.Random(0)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(args.streams)]
@@ -128,6 +133,7 @@ def main():
         contexts = [int(c) for c in args.contexts.split(",")]
         if args.arch == "qwen":  # stay below seq_length: dynamic NTK would recompute the cache on the way
             model.config.seq_length = max(model.config.seq_length, max(contexts) + n)
+        print(f"random {args.arch}, {args.weight_layout} linear weights, {args.threads} torch threads, {args.dtype}")
         context_growth(model, contexts, n, args.repeats)
         return
     engine = Engine(model, max_batch_size=streams).start()
@@ -144,7 +150,8 @@ def main():
     engine.shutdown()
 
     print(
-        f"random {args.arch}, {n_params / 1e6:.0f}M params, {args.threads} torch threads, {args.dtype}, "
+        f"random {args.arch}, {n_params / 1e6:.0f}M params ({args.weight_layout} linear weights), "
+        f"{args.threads} torch threads, {args.dtype}, "
         f"prompts of {args.prompt_tokens} tokens, {n} new tokens per stream"
     )
     print(f"{'aggregate tokens/s':18} {'end-to-end':>11} {'decode':>8} {'decode per CPU-s':>17}")
