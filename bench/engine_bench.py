@@ -132,7 +132,7 @@ def main():
     if args.contexts:
         contexts = [int(c) for c in args.contexts.split(",")]
         if args.arch == "qwen":  # stay below seq_length: dynamic NTK would recompute the cache on the way
-            model.config.seq_length = max(model.config.seq_length, max(contexts) + n)
+            model.config.seq_length = max(model.config.seq_length, max(contexts) + 2 * n)  # the engine asks n + 2
         print(f"random {args.arch}, {args.weight_layout} linear weights, {args.threads} torch threads, {args.dtype}")
         context_growth(model, contexts, n, args.repeats)
         return
