@@ -53,8 +53,8 @@ def prepare_server(args: argparse.Namespace) -> None:
 
     This thread keeps one: the model then runs its math only on the engine thread, so the process has a single
     OpenMP team. With a second team (this thread's, from loading) OpenMP counts more threads than cores and makes
-    idle threads sleep at once, which halves the speed of small decode steps whenever spinning is allowed (see
-    README "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
+    idle threads sleep at once, which cost 20-30% of decode speed whenever spinning is allowed (see README
+    "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
     GOMP_SPINCOUNT=1000 in the environment before importing torch, unless it or OMP_WAIT_POLICY is set.
     """
     import os
