@@ -438,7 +438,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._work:
-                    holding = self._cache.nbytes() > 0
+                    holding = bool(self._cache.layers)  # storage exists once a layer was written
                     if not self._work.wait_for(lambda: self._stopping or self._waiting or self._rows,
                                                self.idle_release_s if holding else None):
                         self._cache.release()  # idle for a while: give the memory back

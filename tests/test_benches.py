@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from conftest import REPO
 
@@ -56,7 +55,7 @@ def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
 
 
 def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
-    from bench.serve_bench import running_server
+    from bench.serve_bench import process_state, running_server
 
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
     with running_server(str(checkpoint), 1, []) as (peer_url, peer_pid):  # any OpenAI-compatible server
@@ -66,7 +65,7 @@ def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
              "--peer-pid", str(peer_pid), "--plot", str(tmp_path / "serve.png")],
             cwd=REPO, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-        peer_state = Path(f"/proc/{peer_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        peer_state = process_state(peer_pid)
     assert done.returncode == 0, done.stderr
     for line in ("ours  2 client(s)", "other  2 client(s)", "ours / other, 2 client(s)", "peak memory ours / other",
                  "the other server paused (SIGSTOP)"):
