@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # before the libraries are imported: some log while importing
     from dataclasses import replace
 
-    from qwen.engine import Engine, model_context_length
+    from qwen.chat_backend import chat_engine
     from qwen.loading import checkpoint_name
     from qwen.webui import WebChat, build_demo
 
     with exit_on_user_error():
         prepare_server(args)
         model, tokenizer = load_checkpoint(args)
-    engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
-                    max_context=model_context_length(model), decodable_tokens=len(tokenizer), threads=args.threads)
+    engine = chat_engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
+                         threads=args.threads)
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     chat = WebChat(model, tokenizer, engine, title=title)
     overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from qwen_generation_utils import IncrementalDetokenizer, eod_id, get_stop_words_ids, make_context
 
-from .engine import Engine, SamplingParams, TokenEvent
+from .engine import Engine, SamplingParams, TokenEvent, model_context_length
 
 # engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -76,6 +76,15 @@ class Piece:
     completion_tokens: int = 0
 
 
+def chat_engine(model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
+                threads: int | None = None) -> Engine:
+    """The engine every script generates with (API, web page, benchmarks): its context limit is the model's unless
+    given, and the output layer's padding rows past the tokenizer are never sampled."""
+    return Engine(model, max_batch_size=max_batch_size, max_queue=max_queue,
+                  max_context=max_context or model_context_length(model), decodable_tokens=len(tokenizer),
+                  threads=threads)
+
+
 class ChatBackend:
     """A model + tokenizer + engine, with the checkpoint's chat settings and sampling defaults."""
 
@@ -85,6 +94,11 @@ class ChatBackend:
         self.chat_format = self.default("chat_format", "chatml")
         self.max_window_size = self.default("max_window_size", 6144)
         self.stop_token_ids, self.chat_stop_texts = self._stop_tokens()
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **engine_options) -> ChatBackend:
+        """A backend on a new `chat_engine` (engine_options: its keyword arguments)."""
+        return cls(model, tokenizer, chat_engine(model, tokenizer, **engine_options))
 
     def default(self, name: str, fallback):
         """A setting of the checkpoint's generation_config, or `fallback` when it has none."""

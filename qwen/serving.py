@@ -44,7 +44,7 @@ from qwen_generation_utils import encode_plain, make_continuation_context
 
 from . import protocol as api
 from . import react
-from .chat_backend import ChatBackend, GenerationError, ServerShutdownError
+from .chat_backend import ChatBackend, GenerationError, ServerShutdownError, chat_engine
 from .engine import (
     Engine,
     EngineStoppedError,
@@ -52,7 +52,6 @@ from .engine import (
     QueueFullError,
     SamplingParams,
     TokenEvent,
-    model_context_length,
 )
 
 logger = logging.getLogger(__name__)
@@ -761,10 +760,8 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     check_secrets(api_key, api_auth)
     if allow_credentials and "*" in allowed_origins:
         raise ValueError("credentials cannot be allowed for any origin ('*'); list the origins that may use them")
-    if max_context is None:
-        max_context = model_context_length(model)
-    engine = engine or Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_context=max_context,
-                              decodable_tokens=len(tokenizer), threads=threads)
+    engine = engine or chat_engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                                   max_context=max_context, threads=threads)
     server = OpenAIServer(model, tokenizer, engine, model_names, accept_any_model=accept_any_model,
                           shutdown_timeout=shutdown_timeout)
 

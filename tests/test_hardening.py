@@ -20,6 +20,7 @@ from conftest import REPO, WEATHER_TOOL, ScriptedLM, ServerThread, free_port
 
 from qwen.convert import make_tiny_checkpoint
 from qwen.engine import Engine, SamplingParams
+from qwen.evaluation.generation import generate_texts
 from qwen.loading import load_model_and_tokenizer
 from qwen.serving import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SHUTDOWN_TIMEOUT, create_app
 from qwen.tokenization_qwen import QWenTokenizer
@@ -214,6 +215,15 @@ def test_the_engine_never_samples_ids_the_tokenizer_cannot_decode(padding_loving
         assert tokens and all(e.token_id < len(tokenizer) for e in tokens)
         assert all(i < len(tokenizer) for e in tokens for i, _ in e.top_logprobs)
         tokenizer.decode([e.token_id for e in tokens])  # decodable
+
+
+def test_benchmark_generation_never_samples_padding_rows(padding_loving):
+    """The evaluation scripts generate through the same engine construction as the servers (chat_engine)."""
+    model, tokenizer = padding_loving
+    texts = generate_texts(model, tokenizer, [[1, 2, 3], [4, 5]], max_new_tokens=4)
+    assert len(texts) == 2 and all(texts)  # decoded ids below len(tokenizer): no "unknown token id"
+    # and the padding rows really win when nothing masks them
+    assert int(model(torch.tensor([[1, 2, 3]])).logits[0, -1].argmax()) >= len(tokenizer)
 
 
 def test_api_answers_from_a_model_that_favours_padding_rows(padding_loving):

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 from qwen_generation_utils import IncrementalDetokenizer
 
-from ..engine import Engine, PromptTooLongError, SamplingParams, TokenEvent, model_context_length
+from ..chat_backend import chat_engine
+from ..engine import PromptTooLongError, SamplingParams, TokenEvent
 
 PROMPT_TOO_LONG = "[prompt too long]"
 
@@ -33,12 +34,8 @@ def generate_texts(
 ) -> list[str]:
     """The greedy continuation text of each prompt (special tokens skipped), in the order of `prompts`."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
-    engine = Engine(
-        model,
-        max_batch_size=batch_size,
-        max_queue=max(batch_size, len(prompts)),
-        max_context=max_context or model_context_length(model),
-    )
+    engine = chat_engine(model, tokenizer, max_batch_size=batch_size, max_queue=max(batch_size, len(prompts)),
+                         max_context=max_context)
 
     async def one(prompt: Sequence[int]) -> str:
         try:
