@@ -23,6 +23,7 @@ from qwen.scripts import (  # noqa: E402
     load_checkpoint,
     prepare_server,
     quiet_libraries,
+    warn_if_exposed,
 )
 
 
@@ -30,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
     add_checkpoint_args(parser)
     add_server_args(parser)
-    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    parser.add_argument("--share", action="store_true",
+                        help="also serve on a public gradio.live link (needs --auth, or --insecure-share)")
+    parser.add_argument("--insecure-share", action="store_true",
+                        help="allow --share without --auth: anyone with the link can use the page")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
     parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together (default 8)")
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.auth is None or all(args.auth.partition(":")[::2]),
          "--auth must be USER:PASSWORD with neither part empty (an empty password would let anyone in)"),
+        (not args.share or args.auth or args.insecure_share,
+         "--share publishes the page on a public link: add --auth USER:PASSWORD (or --insecure-share to let "
+         "anyone with the link use it)"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
@@ -59,12 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warn_if_exposed(args.server_name, args.auth is not None, "--auth USER:PASSWORD")
     quiet_libraries()  # before the libraries are imported: some log while importing
     from dataclasses import replace
 
     from qwen.chat_backend import chat_engine
     from qwen.loading import checkpoint_name
-    from qwen.webui import WebChat, build_demo
+    from qwen.webui import WebChat, build_demo, launch_page
 
     with exit_on_user_error():
         prepare_server(args)
@@ -83,11 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Chat page on http://{host}:{args.server_port}"
           + ("" if args.share else "  (add --share for a public gradio.live link)"), flush=True)
     try:
-        demo.queue(max_size=max(64, args.concurrency)).launch(
-            server_name=args.server_name, server_port=args.server_port, share=args.share,
-            inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-            ssr_mode=False, show_error=True, quiet=True,
-        )
+        launch_page(demo, server_name=args.server_name, server_port=args.server_port, share=args.share,
+                    inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+                    max_queue=max(64, args.concurrency))
     except OSError as exc:  # e.g. the port is taken
         print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "
               "pick another --server-port or stop the program using it.", file=sys.stderr)

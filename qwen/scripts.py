@@ -10,6 +10,7 @@ line and exits 2".
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import sys
 
@@ -45,6 +46,24 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model's math (default: one per core, less one for the server "
                              "itself on machines with more than 2 cores)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or address to listen on, or a request's Host without its port) is this machine only."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(server_name: str, protected: bool, how: str) -> None:
+    """A loud stderr warning when a server without auth listens beyond this machine; `how` names the auth flag."""
+    if not protected and not is_loopback(server_name):
+        print(f"WARNING: listening on {server_name} without authentication: anyone who can reach this machine "
+              f"can use it. Add {how}, or listen on 127.0.0.1.", file=sys.stderr, flush=True)
 
 
 def prepare_server(args: argparse.Namespace) -> None:

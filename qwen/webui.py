@@ -30,6 +30,9 @@ from .engine import Engine, PromptTooLongError, QueueFullError, RequestHandle, S
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
+# The page takes no files, so gradio's upload route refuses every one (413): otherwise anyone could store files
+# on the server and have them served back.
+MAX_UPLOAD_BYTES = 0
 BUSY_MESSAGE = "An answer is still being written in this chat: wait for it, or press Stop."
 
 
@@ -183,3 +186,13 @@ def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
 
 
 __all__ = ["Defaults", "WebChat", "build_demo", "to_messages"]
+
+
+def launch_page(demo: gr.Blocks, *, server_name: str, server_port: int, share: bool = False, inbrowser: bool = False,
+                auth: tuple[str, str] | None = None, max_queue: int = 64, prevent_thread_lock: bool = False) -> None:
+    """Serve the page: gradio's queue (`max_queue` events waiting), uploads refused, gradio's banner quiet."""
+    demo.queue(max_size=max_queue).launch(
+        server_name=server_name, server_port=server_port, share=share, inbrowser=inbrowser, auth=auth,
+        max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, show_error=True, quiet=True,
+        prevent_thread_lock=prevent_thread_lock,
+    )
