@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,9 +21,19 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_SYSTEM, suppress_undecodable
+from qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, encode_plain, suppress_undecodable
 
 from .chat_backend import StopStrings
+from .token_bounds import min_tokens
+
+# C0/C1 control characters but tab and newline: printed raw, a saved or generated text could move the cursor,
+# clear the screen, retitle the window or write links (ANSI / OSC escapes). Shown as \x1b etc. instead.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for the terminal: control characters (ESC, CR, BEL, ...) written as visible \\xNN escapes."""
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class UserInputError(ValueError):
@@ -39,7 +50,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_str_list(text: str) -> list[str]:
-    value = json.loads(text) if text.startswith("[") else [text]
+    try:
+        value = json.loads(text) if text.startswith("[") else [text]
+    except RecursionError:  # "[[[[..." deeper than Python's stack
+        raise ValueError("nested too deeply") from None
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError('expected a string or a JSON list of strings, e.g. ["END"]')
     return value
@@ -153,6 +167,20 @@ class ChatSession:
             suppress_undecodable(config, self.tokenizer, self.model)
         return config
 
+    def check_length(self, query: str) -> None:
+        """UserInputError when `query` alone is more tokens than a prompt may hold (max_window_size), so it could
+        never be answered whole; the cheap lower bound is checked first, so a pasted 2 MB line is refused at once."""
+        if self.tokenizer is None:
+            return
+        window = getattr(self.config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
+        bound = min_tokens(self.tokenizer, query)
+        exact = bound <= window  # else the bound already says it is too long
+        tokens = len(encode_plain(self.tokenizer, query)) if exact else bound
+        if tokens > window:
+            at_least = "" if exact else "at least "
+            raise UserInputError(f"this message is {at_least}{tokens:,} tokens, more than the {window:,} a prompt may "
+                                 "hold (max_window_size); send a shorter one")
+
     def stream(self, query: str) -> Iterator[str]:
         """Yield the answer's new text piece by piece; the turn joins the history only once it completes."""
         set_seed(self.seed)
@@ -191,7 +219,7 @@ class ChatSession:
             data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
         except OSError as exc:
             raise UserInputError(f"cannot read {path}: {exc.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UserInputError(f"{path} is not a JSON conversation saved with :save") from None
         turns = data.get("history") if isinstance(data, dict) else None
         valid = isinstance(turns, list) and all(
@@ -269,10 +297,15 @@ class Repl:
                 self.say(f"Error: {exc}")
 
     def answer(self, query: str) -> None:
+        try:
+            self.session.check_length(query)
+        except UserInputError as exc:
+            self.say(f"Error: {exc}")
+            return
         self.say("\nQwen> ", end="")
         try:
             for piece in self.session.stream(query):
-                self.say(piece, end="")
+                self.say(printable(piece), end="")
             self.say()
         except KeyboardInterrupt:
             self.say("\n[stopped; this answer is not kept in the history]")
@@ -294,7 +327,7 @@ class Repl:
         if not self.session.history:
             self.say("(no history)")
         for i, (query, response) in enumerate(self.session.history, 1):
-            self.say(f"[{i}] User: {query}\n[{i}] Qwen: {response}")
+            self.say(f"[{i}] User: {printable(query)}\n[{i}] Qwen: {printable(response)}")
 
     def cmd_seed(self, arg: str) -> None:
         if arg:
@@ -314,7 +347,7 @@ class Repl:
     def cmd_system(self, arg: str) -> None:
         if arg:
             self.session.system = arg
-        self.say(f"system: {self.session.system}")
+        self.say(f"system: {printable(self.session.system)}")
 
     def cmd_save(self, arg: str) -> None:
         if not arg:
