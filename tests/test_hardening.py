@@ -305,12 +305,10 @@ def test_bad_tools_and_penalties_are_a_400_naming_the_field(scripted, extra, fie
 
 
 def test_a_500_hides_internals_and_keeps_the_connection_usable(scripted, monkeypatch):
-    server = scripted.app.state.server
-
     def broken(request):
         raise RuntimeError("secret internal state at /home/model/weights")
 
-    monkeypatch.setattr(server, "plan_chat", broken)
+    monkeypatch.setattr(scripted.app.state.chat, "plan", broken)
     with httpx.Client(base_url=scripted.url, timeout=30) as client:  # one keep-alive connection
         failed = client.post("/v1/chat/completions", json={"model": "s", "messages": USER})
         assert failed.status_code == 500 and "secret" not in failed.text

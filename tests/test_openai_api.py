@@ -215,7 +215,7 @@ def _original_continuation_prompt(history, system):
 def test_prompt_matches_golden(case, scripted, tokenizer):
     """The server's prompt for the golden requests is the original's, token for token."""
     request = api.ChatCompletionRequest(model="scripted", messages=case["messages"], functions=case["functions"])
-    prompt_ids = scripted.app.state.server.plan_chat(request).prompt_ids
+    prompt_ids = scripted.app.state.chat.plan(request).prompt_ids
     if case["query"].startswith("<TEXT_COMPLETION"):
         expected = tokenizer.encode(_original_continuation_prompt(case["history"], case["system"]))
     else:
@@ -294,7 +294,7 @@ def test_auth_and_preflight(tokenizer):
 
 
 def test_basic_auth_header_parsing():
-    from qwen.serving import basic_credentials
+    from qwen.serving.auth import basic_credentials
 
     assert basic_credentials("Basic " + base64.b64encode(b"u:p:w").decode()) == "u:p:w"
     assert basic_credentials("Basic !!!") is None and basic_credentials("Bearer x") is None

@@ -1,0 +1,198 @@
+"""The app: routes, OpenAPI document, CORS and auth around the handlers (create_app), and uvicorn with a graceful
+SIGTERM (serve).
+
+Auth (Bearer key and/or Basic user:pass) is checked per route, inside CORS, so browser preflights (OPTIONS) are
+answered without credentials; cross-origin access is off unless origins are listed. On SIGTERM (serve()) the
+server admits nothing new, gives running requests a grace period, then stops them with an error event that
+says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import protocol as api
+from ..chat_backend import ChatBackend, GenerationError, chat_engine
+from ..engine import Engine
+from .auth import check_secrets, make_auth_check
+from .chat import ChatCompletions
+from .completions import TextCompletions
+from .http import (
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    APIError,
+    InternalErrors,
+    error_for,
+    parse_request,
+    read_body,
+)
+from .server import DEFAULT_SHUTDOWN_TIMEOUT, OpenAIServer
+
+# What /openapi.json documents for the two generation routes: request body and responses, so clients and
+# fuzzers can use it (the routes read their bodies themselves, so FastAPI would not see them).
+_ROUTE_MODELS = {
+    "/v1/chat/completions": (api.ChatCompletionRequest, api.ChatCompletionResponse),
+    "/v1/completions": (api.CompletionRequest, api.CompletionResponse),
+}
+_ERROR_RESPONSES = {
+    status: {"model": api.ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request (the message names the field)",
+        401: "missing or wrong credentials",
+        404: "unknown model",
+        413: "request body too large",
+        429: "the server is busy; retry after Retry-After seconds",
+        500: "internal error",
+        503: "the server is shutting down",
+    }.items()
+}
+
+
+def _openapi_schema(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m, _ in _ROUTE_MODELS.values()],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        for path, (request_model, _) in _ROUTE_MODELS.items():
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_key: str | None = None,
+               api_auth: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
+               max_context: int | None = None, allowed_origins: Sequence[str] = (),
+               allow_credentials: bool = False, accept_any_model: bool = False,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None,
+               threads: int | None = None) -> FastAPI:
+    """The FastAPI app serving `model`; its engine thread runs while the app does (lifespan).
+
+    api_key: accept `Authorization: Bearer <api_key>`; api_auth: accept HTTP Basic "user:pass". With neither,
+    no auth; an empty one is refused (ValueError). allowed_origins: web origins whose pages may call the API
+    (CORS; none by default, "*" for any), with cookies / HTTP auth only if allow_credentials (not with "*").
+    accept_any_model: answer whatever `model` a request names (else 404 for names not in model_names).
+    max_context defaults to the model's max_position_embeddings (or seq_length). threads: the engine thread's
+    compute threads (openai_api.py: --threads).
+    """
+    check_secrets(api_key, api_auth)
+    if allow_credentials and "*" in allowed_origins:
+        raise ValueError("credentials cannot be allowed for any origin ('*'); list the origins that may use them")
+    engine = engine or chat_engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                                   max_context=max_context, threads=threads)
+    server = OpenAIServer(ChatBackend(model, tokenizer, engine), model_names, accept_any_model=accept_any_model,
+                          shutdown_timeout=shutdown_timeout)
+    chat, completion = ChatCompletions(server), TextCompletions(server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown(timeout=10, reason="shutdown")
+            server.prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan, separate_input_output_schemas=False)
+    app.state.server, app.state.chat, app.state.completions = server, chat, completion
+    app.openapi = lambda: _openapi_schema(app)
+
+    async def read(request: Request, model_class):
+        body = await read_body(request, max_request_bytes)
+        return await asyncio.to_thread(parse_request, body, model_class, max_messages)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(GenerationError)
+    async def generation_error(request: Request, exc: GenerationError):
+        return error_for(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404 / 405 of routing; 405 has Allow
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "stopping" if server.stopping else "ok", "running": engine.num_running,
+                "waiting": engine.num_waiting}
+        return JSONResponse(body, status_code=503 if server.stopping else 200)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(make_auth_check(api_key, api_auth))],
+                   responses={401: _ERROR_RESPONSES[401]})
+
+    @v1.get("/models", response_model=api.ModelList)
+    async def list_models():
+        return api.ModelList(data=[api.ModelCard(id=name) for name in server.model_names]).model_dump()
+
+    @v1.get("/models/{name:path}", response_model=api.ModelCard, responses={404: _ERROR_RESPONSES[404]})
+    async def get_model(name: str):
+        server.check_model(name)
+        return api.ModelCard(id=name).model_dump()
+
+    def responses(response_model) -> dict:
+        ok = {"description": "the answer; with stream=true, server-sent events of chunks ending in [DONE]",
+              "model": response_model, "content": {"text/event-stream": {}}}
+        return {200: ok, **_ERROR_RESPONSES}
+
+    @v1.post("/chat/completions", response_model=None, responses=responses(api.ChatCompletionResponse))
+    async def chat_completions(request: Request):
+        return await chat(await read(request, api.ChatCompletionRequest), request)
+
+    @v1.post("/completions", response_model=None, responses=responses(api.CompletionResponse))
+    async def completions(request: Request):
+        return await completion(await read(request, api.CompletionRequest), request)
+
+    app.include_router(v1)
+    app.add_middleware(InternalErrors)
+    # added last, so it wraps everything: preflights are answered before auth, and errors carry CORS headers
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_credentials=allow_credentials,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
+    return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new (503) at once, give running
+    requests the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so,
+    then [DONE]), and exit normally. A second Ctrl-C quits without waiting."""
+
+    def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
+        super().__init__(config)
+        self.openai_server = openai_server
+
+    def handle_exit(self, sig, frame) -> None:  # runs in the signal handler: only set flags
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True  # not re-raised at exit, unlike uvicorn's own: the process exits with 0
+
+    async def shutdown(self, sockets=None) -> None:
+        self.openai_server.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
+    server = app.state.server
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=server.shutdown_timeout + 15)  # a backstop
+    GracefulServer(config, server).run()
+

@@ -1,0 +1,90 @@
+"""Answer plumbing shared by the routes: merging the choices' streams, server-sent events, cancelling on
+disconnect (a client that goes away frees its slots)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Sequence
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from .http import error_for
+
+
+async def merge(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as they come, tagged with the iterator's index."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, handles) -> None:
+    """Cancel `handles` when the client of a non-streamed request goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for handle in handles:
+                handle.cancel()
+            return
+
+
+async def answer_unless_disconnected(request: Request, handles, response: Awaitable[dict]) -> dict:
+    """Await a non-streamed response; the requests are cancelled if the client goes away, and always at the end."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
+    try:
+        return await response
+    finally:
+        watcher.cancel()
+        for handle in handles:
+            handle.cancel()
+
+
+def event_stream(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
+    """Server-sent events of `chunks`, then [DONE]; an error mid-stream becomes an error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except Exception as exc:  # whatever failed, the client gets an error event and [DONE]
+            error = error_for(exc).body(unknown_type="server_error")
+            yield f"data: {json.dumps(error.model_dump(), ensure_ascii=False)}\n\n"
+        finally:  # also when the client disconnected and the task is cancelled: free the slots
+            for handle in handles:
+                handle.cancel()
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
