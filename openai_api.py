@@ -24,6 +24,7 @@ from qwen.scripts import (  # noqa: E402
     load_checkpoint,
     prepare_server,
     quiet_libraries,
+    warn_if_exposed,
 )
 
 API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in the environment stays out of `ps`
@@ -55,22 +56,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_safety_args(parser: argparse.ArgumentParser) -> None:
     """Who may call the server, how much one request may hold, how it stops (README: Running it safely).
 
-    Defaults of None leave qwen.serving's (16 MiB, 100,000 messages, 30 s), which is not imported here to keep
-    --help fast."""
+    Defaults of None leave qwen.serving's (4 MiB, 100,000 messages, 30 s; the connection limits of
+    qwen.serving.guard), which is not imported here to keep --help fast."""
     group = parser.add_argument_group("access, limits and shutdown")
     group.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                        help="web origins (https://app.example) whose pages may call the API from a browser, "
                             "or '*' for any (default: none, no cross-origin access)")
+    group.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST",
+                       help="host names the server answers to (the Host header), besides the defaults: loopback "
+                            "names, plus --server-name's address; any with --server-name 0.0.0.0; '*' for any")
     group.add_argument("--allow-credentials", action="store_true",
                        help="let those pages send cookies / HTTP auth (needs explicit --allowed-origins, not '*')")
     group.add_argument("--accept-any-model", action="store_true",
                        help="answer requests naming any model (default: 404 model_not_found for unlisted names)")
     group.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
-                       help="largest request body; larger gets 413 (default 16 MiB)")
+                       help="largest request body; larger gets 413 (default 4 MiB)")
     group.add_argument("--max-messages", type=int, default=None, metavar="N",
                        help="most messages in one chat request; more get 400 (default 100,000)")
     group.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                        help="on SIGTERM / Ctrl-C, how long running requests may finish before they are stopped "
+                            "(default 30)")
+    group.add_argument("--max-connections", type=int, default=None, metavar="N",
+                       help="open connections at most; beyond, the oldest one still sending its request is closed "
+                            "(default: the fd limit less 128, at most 4096)")
+    group.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a connection must send its request headers within this (default 10)")
+    group.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a request body may pause this long between pieces (default 30)")
+    group.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a stream whose client reads nothing for this long is dropped, freeing its slot "
                             "(default 30)")
 
 
@@ -86,12 +100,22 @@ def check_safety_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--max-request-bytes and --max-messages must be at least 1")
     if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
+    if args.max_connections is not None and args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
+    if any(v is not None and not v > 0 for v in (args.header_timeout, args.body_timeout, args.stall_timeout)):
+        parser.error("--header-timeout, --body-timeout and --stall-timeout must be above 0")
 
 
 def safety_settings(args: argparse.Namespace) -> dict:
     """create_app() keyword arguments of the flags above (unset limits keep create_app's defaults)."""
+    from qwen.serving.guard import ConnectionLimits, default_allowed_hosts
+
+    timeouts = {key: getattr(args, key) for key in ("header_timeout", "body_timeout", "stall_timeout")
+                if getattr(args, key) is not None}
     settings = {"allowed_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
-                "accept_any_model": args.accept_any_model}
+                "accept_any_model": args.accept_any_model,
+                "allowed_hosts": default_allowed_hosts(args.server_name) + args.allowed_hosts,
+                "limits": ConnectionLimits(max_connections=args.max_connections, **timeouts)}
     limits = {"max_request_bytes": args.max_request_bytes, "max_messages": args.max_messages,
               "shutdown_timeout": args.shutdown_timeout}
     return settings | {key: value for key, value in limits.items() if value is not None}
@@ -106,6 +130,8 @@ def default_model_name(checkpoint: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warn_if_exposed(args.server_name, args.api_key is not None or args.api_auth is not None,
+                    "--api-key (or $QWEN_API_KEY) or --api-auth USER:PASSWORD")
     quiet_libraries()  # before the libraries are imported: some log while importing
     from qwen.serving import create_app, serve
 

@@ -28,6 +28,7 @@ from ..engine import Engine
 from .auth import check_secrets, make_auth_check
 from .chat import ChatCompletions
 from .completions import TextCompletions
+from .guard import LOOPBACK_HOSTS, AccessGuard, ConnectionLimits, protocol_class, quiet_accept_errors
 from .http import (
     DEFAULT_MAX_MESSAGES,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -37,7 +38,7 @@ from .http import (
     parse_request,
     read_body,
 )
-from .server import DEFAULT_SHUTDOWN_TIMEOUT, OpenAIServer
+from .server import DEFAULT_SHUTDOWN_TIMEOUT, REQUEST_COST, OpenAIServer
 
 # What /openapi.json documents for the two generation routes: request body and responses, so clients and
 # fuzzers can use it (the routes read their bodies themselves, so FastAPI would not see them).
@@ -50,8 +51,10 @@ _ERROR_RESPONSES = {
     for status, description in {
         400: "invalid request (the message names the field)",
         401: "missing or wrong credentials",
+        403: "a cross-origin request from an origin not allowed (--allowed-origins)",
         404: "unknown model",
         413: "request body too large",
+        415: "the body is not sent as application/json",
         429: "the server is busy; retry after Retry-After seconds",
         500: "internal error",
         503: "the server is shutting down",
@@ -76,19 +79,33 @@ def _openapi_schema(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+def _texts_that_must_fit(request) -> list[tuple[str, str]]:
+    """Texts a request's prompt holds whole: each completion prompt, a chat's last message (older messages may
+    be dropped to fit the window, so only the last is sure to be in the prompt)."""
+    if isinstance(request, api.CompletionRequest):
+        return [(p, "prompt") for p in request.prompt_list() if isinstance(p, str)]
+    content = request.messages[-1].content if request.messages else None
+    if isinstance(content, list):
+        content = "".join(getattr(part, "text", None) or "" for part in content)
+    return [(content, "messages")] if isinstance(content, str) else []
+
+
 def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_key: str | None = None,
                api_auth: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                max_context: int | None = None, allowed_origins: Sequence[str] = (),
                allow_credentials: bool = False, accept_any_model: bool = False,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None,
-               threads: int | None = None) -> FastAPI:
+               threads: int | None = None, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+               limits: ConnectionLimits | None = None) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread runs while the app does (lifespan).
 
     api_key: accept `Authorization: Bearer <api_key>`; api_auth: accept HTTP Basic "user:pass". With neither,
     no auth; an empty one is refused (ValueError). allowed_origins: web origins whose pages may call the API
     (CORS; none by default, "*" for any), with cookies / HTTP auth only if allow_credentials (not with "*").
     accept_any_model: answer whatever `model` a request names (else 404 for names not in model_names).
+    allowed_hosts: the Host names answered ("*": any; loopback names by default, against DNS rebinding).
+    limits: connection cap and read / stall timeouts, applied by serve() (qwen.serving.guard).
     max_context defaults to the model's max_position_embeddings (or seq_length). threads: the engine thread's
     compute threads (openai_api.py: --threads).
     """
@@ -103,20 +120,26 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        quiet_accept_errors(asyncio.get_running_loop())
         engine.start()
         try:
             yield
         finally:
             engine.shutdown(timeout=10, reason="shutdown")
-            server.prepare_pool.shutdown(wait=False, cancel_futures=True)
+            server.prepare_lane.close()
 
     app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan, separate_input_output_schemas=False)
     app.state.server, app.state.chat, app.state.completions = server, chat, completion
+    app.state.limits = limits or ConnectionLimits()
     app.openapi = lambda: _openapi_schema(app)
 
     async def read(request: Request, model_class):
         body = await read_body(request, max_request_bytes)
-        return await asyncio.to_thread(parse_request, body, model_class, max_messages)
+        REQUEST_COST.set(len(body))  # the preparation lane serves smaller requests first
+        parsed = await server.prepare(parse_request, body, model_class, max_messages)
+        for text, param in _texts_that_must_fit(parsed):
+            server.check_text_fits(text, param)
+        return parsed
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -163,6 +186,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
     app.include_router(v1)
     app.add_middleware(InternalErrors)
+    app.add_middleware(AccessGuard, allowed_hosts=list(allowed_hosts), allowed_origins=list(allowed_origins))
     # added last, so it wraps everything: preflights are answered before auth, and errors carry CORS headers
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_credentials=allow_credentials,
@@ -189,10 +213,14 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for `app` (from create_app): its connection guard (qwen.serving.guard), and a backstop
+    for the graceful shutdown."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(app.state.limits),
+                          timeout_graceful_shutdown=app.state.server.shutdown_timeout + 15)
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
-    server = app.state.server
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=server.shutdown_timeout + 15)  # a backstop
-    GracefulServer(config, server).run()
+    GracefulServer(server_config(app, host, port, log_level), app.state.server).run()
 

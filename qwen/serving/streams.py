@@ -11,7 +11,36 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .http import error_for
+from .guard import DEFAULT_STALL_TIMEOUT, drop_connection
+from .http import error_for, logger
+
+
+class StallingStreamResponse(StreamingResponse):
+    """Server-sent events whose client must keep reading: a write blocked for the app's stall timeout (the
+    client stopped reading and its buffers are full) ends the stream, which cancels its engine requests, and
+    closes the connection. Without it a client that never reads kept the engine generating into buffers."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        limits = getattr(getattr(scope.get("app"), "state", None), "limits", None)
+        self.stall_timeout = limits.stall_timeout if limits is not None else DEFAULT_STALL_TIMEOUT
+        self.scope = scope
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send) -> None:
+        async def timed(message) -> None:
+            await asyncio.wait_for(send(message), self.stall_timeout)
+
+        try:
+            await timed({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await timed({"type": "http.response.body", "body": chunk.encode(self.charset), "more_body": True})
+            await timed({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            logger.info("dropped a stream to %s: it read nothing for %.0f s (--stall-timeout)", self.scope.get("client"),
+                        self.stall_timeout)
+            await self.body_iterator.aclose()  # its finally cancels the engine requests
+            if drop_connection(self.scope):
+                await asyncio.sleep(0)  # connection_lost runs: uvicorn sees a disconnect, not an unfinished answer
 
 
 async def merge(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -87,4 +116,4 @@ def event_stream(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return StallingStreamResponse(body(), media_type="text/event-stream", headers=headers)
