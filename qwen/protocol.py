@@ -83,8 +83,19 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+# A tool / function message must carry the tool's result, as in OpenAI's schema: said in the JSON Schema too, so
+# clients and fuzzers generate what the server accepts.
+_RESULT_ROLES = ("tool", "function")
+_RESULT_NEEDS_CONTENT = {
+    "if": {"properties": {"role": {"enum": list(_RESULT_ROLES)}}, "required": ["role"]},
+    "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+}
+
+
 class ChatMessage(OpenAIModel):
     """A request message; which fields matter depends on the role (see qwen.react.parse_messages)."""
+
+    model_config = ConfigDict(json_schema_extra=_RESULT_NEEDS_CONTENT)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextContentPart] | None = None
@@ -92,6 +103,12 @@ class ChatMessage(OpenAIModel):
     tool_calls: list[ToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool
     function_call: FunctionCall | None = None  # assistant, legacy
+
+    @model_validator(mode="after")
+    def _result_has_content(self) -> ChatMessage:
+        if self.role in _RESULT_ROLES and self.content is None:
+            raise ValueError(f"a {self.role!r} message needs `content`: the result of the tool call it answers")
+        return self
 
 
 class FunctionDefinition(OpenAIModel):
@@ -265,8 +282,11 @@ class ChatCompletionChunk(OpenAIModel):
 # ------------------------------------------------------------------------------------ text completions
 
 
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]  # an empty prompt has nothing to run
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the top-N alternatives per token
     echo: bool | None = False  # prepend the prompt to the returned text
