@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import protocol as api
 from ..chat_backend import ChatBackend, GenerationError, chat_engine
 from ..engine import Engine
-from .auth import check_secrets, make_auth_check
+from .auth import check_secrets, describe_auth, make_auth_check
 from .chat import ChatCompletions
 from .completions import TextCompletions
 from .http import (
@@ -112,6 +112,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
     app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan, separate_input_output_schemas=False)
     app.state.server, app.state.chat, app.state.completions = server, chat, completion
+    app.state.auth = describe_auth(api_key, api_auth)
     app.openapi = lambda: _openapi_schema(app)
 
     async def read(request: Request, model_class):
@@ -192,7 +193,19 @@ class GracefulServer(uvicorn.Server):
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
     server = app.state.server
+    print(startup_line(app, host, port), flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=server.shutdown_timeout + 15)  # a backstop
     GracefulServer(config, server).run()
 
+
+def startup_line(app: FastAPI, host: str, port: int) -> str:
+    """What a person starting the server needs: where, which model name, whether other names are answered, auth."""
+    server = app.state.server
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    names = ", ".join(repr(name) for name in server.model_names)
+    other = ("any other model name is answered too" if server.accept_any_model
+             else "other model names get 404")
+    auth = app.state.auth
+    warning = "; anyone who can reach this port can use it" if auth == "off" and shown != host else ""
+    return f"API on http://{shown}:{port}/v1 serving {names} ({other}); auth: {auth}{warning}"
