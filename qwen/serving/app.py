@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Sequence
 
@@ -172,9 +173,10 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new (503) at once, give running
-    requests the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so,
-    then [DONE]), and exit normally. A second Ctrl-C quits without waiting."""
+    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new at once, but keep listening
+    (new requests get 503, /health says "stopping", so a load balancer drains the server), give running requests
+    the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so, then
+    [DONE]); the port closes once nothing runs, and the process exits with 0. A second Ctrl-C quits at once."""
 
     def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
         super().__init__(config)
@@ -186,7 +188,15 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True  # not re-raised at exit, unlike uvicorn's own: the process exits with 0
 
     async def shutdown(self, sockets=None) -> None:
-        self.openai_server.begin_shutdown()
+        server = self.openai_server
+        server.begin_shutdown()
+        # uvicorn closes the listening socket first: wait for the running requests (at most the grace period,
+        # after which begin_shutdown's timer stops them) while still answering 503
+        deadline = asyncio.get_running_loop().time() + server.shutdown_timeout + 1
+        while (server.engine.num_running or server.engine.num_waiting) and not self.force_exit:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         await super().shutdown(sockets)
 
 
@@ -194,6 +204,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
     """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
     server = app.state.server
     print(startup_line(app, host, port), flush=True)
+    logging.getLogger("qwen.serving").setLevel(logging.INFO)  # the shutdown line; errors are logged anyway
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=server.shutdown_timeout + 15)  # a backstop
     GracefulServer(config, server).run()
