@@ -20,9 +20,7 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_SYSTEM, suppress_undecodable
-
-from .chat_backend import StopStrings
+from qwen_generation_utils import DEFAULT_SYSTEM
 
 
 class UserInputError(ValueError):
@@ -143,40 +141,21 @@ class ChatSession:
     def __post_init__(self) -> None:
         self.initial_config = copy.deepcopy(self.config)
 
-    def generation_config(self) -> GenerationConfig:
-        """This turn's config: stop strings are cut here (generate() would need the tokenizer passed for them),
-        and ids past the tokenizer (padding rows of the output layer: Qwen has 151,936 for 151,851 ids) are
-        never sampled."""
-        config = copy.deepcopy(self.config)
-        config.stop_strings = None
-        if self.tokenizer is not None:
-            suppress_undecodable(config, self.tokenizer, self.model)
-        return config
-
     def stream(self, query: str) -> Iterator[str]:
-        """Yield the answer's new text piece by piece; the turn joins the history only once it completes."""
+        """Yield the answer's new text piece by piece; the turn joins the history only once it completes.
+        chat_stream cuts the config's stop strings and never samples ids past the tokenizer."""
         set_seed(self.seed)
-        seen, printed = "", ""
-        cutter = StopStrings(self.config.stop_strings or [])
+        printed = ""
         stream = self.model.chat_stream(
-            self.tokenizer, query, history=self.history, system=self.system,
-            generation_config=self.generation_config(),
+            self.tokenizer, query, history=self.history, system=self.system, generation_config=self.config
         )
         try:
-            for response in stream:
-                if len(response) > len(seen):
-                    piece = cutter.push(response[len(seen):])
-                    seen = response
-                    if piece:
-                        printed += piece
-                        yield piece
-                if cutter.stopped:
-                    break
-            if piece := cutter.flush():
-                printed += piece
-                yield piece
+            for response in stream:  # the answer so far
+                if piece := response[len(printed):]:
+                    printed = response
+                    yield piece
         finally:
-            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C, a stop string)
+            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C)
         self.history.append((query, printed))
 
     def save(self, path: str) -> None:
