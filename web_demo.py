@@ -63,12 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    from qwen.chat_api import require_chat_model
     from qwen.loading import checkpoint_name
     from qwen.webui import create_page, serve_page
 
     with exit_on_user_error():
         prepare_server(args)
         model, tokenizer = load_checkpoint(args)
+        require_chat_model(model.generation_config, "web_demo.py")
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     demo = create_page(model, tokenizer, title=title, max_batch_size=args.max_batch_size,
                        concurrency=args.concurrency, threads=args.threads, system=args.system,
