@@ -261,14 +261,21 @@ def native_cuda_dtype() -> torch.dtype:
     return torch.float32
 
 
+def auto_dtype(flagged: str | None, on_gpu: bool) -> torch.dtype:
+    """The one automatic precision (from_pretrained without dtype=, and qwen.loading's "auto"), as the original:
+    config.json's bf16/fp16/fp32 flag (`flagged`: its torch dtype name), else the GPU's native half precision,
+    else fp32."""
+    if flagged is not None:
+        return getattr(torch, flagged)
+    return native_cuda_dtype() if on_gpu else torch.float32
+
+
 def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
-    """The original's precision choice: a bf16/fp16/fp32 flag in config.json, else the GPU's, else fp32."""
-    if (name := config.precision_dtype_name()) is not None:
-        return getattr(torch, name)
+    """auto_dtype for from_pretrained: on a GPU unless device_map keeps everything on the CPU (or disk)."""
     on_cpu = device_map in ("cpu", torch.device("cpu")) or (
         isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
     )
-    return native_cuda_dtype() if torch.cuda.is_available() and not on_cpu else torch.float32
+    return auto_dtype(config.precision_dtype_name(), torch.cuda.is_available() and not on_cpu)
 
 
 def _flash_attn_usable(config: QWenConfig) -> bool:
