@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()  # keep library warnings out of the conversation (before the libraries are imported)
+    from qwen.chat_api import require_chat_model
     from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
 
     overrides = {
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with exit_on_user_error():
         model, tokenizer = load_checkpoint(args)
+        require_chat_model(model.generation_config, "cli_demo.py")
     try:
         config = apply_conf(model.generation_config, overrides)
     except UserInputError as exc:

@@ -18,13 +18,13 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from qwen.scripts import (  # noqa: E402
+    API_PORT,
     add_checkpoint_args,
     add_server_args,
     exit_on_user_error,
     load_checkpoint,
     prepare_server,
     quiet_libraries,
-    warn_if_exposed,
 )
 
 API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in the environment stays out of `ps`
@@ -33,13 +33,14 @@ API_KEY_VARIABLE = "QWEN_API_KEY"  # read when --api-key is not given: a key in 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for Qwen chat models")
     add_checkpoint_args(parser)
-    add_server_args(parser)
+    add_server_args(parser, API_PORT)
     parser.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP Basic auth")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
                         help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_VARIABLE} when set)")
     parser.add_argument("--disable-gc", action="store_true", help="disable the garbage collector while serving")
     parser.add_argument("--model-name", action="append", dest="model_names", metavar="NAME",
-                        help="model name listed by /v1/models (repeatable; default: the checkpoint's name)")
+                        help="model name listed by /v1/models (repeatable; default: the checkpoint's name, qwen-demo for "
+                             "the demo model)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests running or waiting before new ones get 429 (default 64)")
@@ -67,8 +68,9 @@ def add_safety_args(parser: argparse.ArgumentParser) -> None:
                             "names, plus --server-name's address; any with --server-name 0.0.0.0; '*' for any")
     group.add_argument("--allow-credentials", action="store_true",
                        help="let those pages send cookies / HTTP auth (needs explicit --allowed-origins, not '*')")
-    group.add_argument("--accept-any-model", action="store_true",
-                       help="answer requests naming any model (default: 404 model_not_found for unlisted names)")
+    group.add_argument("--strict-model-name", action="store_true",
+                       help="answer only requests naming a --model-name, others get 404 model_not_found (default: "
+                            "any name is answered, as OpenAI clients send theirs, e.g. gpt-3.5-turbo)")
     group.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                        help="largest request body; larger gets 413 (default 4 MiB)")
     group.add_argument("--max-messages", type=int, default=None, metavar="N",
@@ -113,7 +115,7 @@ def safety_settings(args: argparse.Namespace) -> dict:
     timeouts = {key: getattr(args, key) for key in ("header_timeout", "body_timeout", "stall_timeout")
                 if getattr(args, key) is not None}
     settings = {"allowed_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
-                "accept_any_model": args.accept_any_model,
+                "accept_any_model": not args.strict_model_name,
                 "allowed_hosts": default_allowed_hosts(args.server_name) + args.allowed_hosts,
                 "limits": ConnectionLimits(max_connections=args.max_connections, **timeouts)}
     limits = {"max_request_bytes": args.max_request_bytes, "max_messages": args.max_messages,
@@ -130,8 +132,6 @@ def default_model_name(checkpoint: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warn_if_exposed(args.server_name, args.api_key is not None or args.api_auth is not None,
-                    "--api-key (or $QWEN_API_KEY) or --api-auth USER:PASSWORD")
     quiet_libraries()  # before the libraries are imported: some log while importing
     from qwen.serving import create_app, serve
 

@@ -1,6 +1,6 @@
 """Chat with a Qwen (v1) chat model in the browser; several people at once, answers streamed.
 
-    python web_demo.py                                     # the offline demo model on http://127.0.0.1:8000
+    python web_demo.py                                     # the offline demo model on http://127.0.0.1:8080
     python web_demo.py -c Qwen/Qwen-7B-Chat --server-name 0.0.0.0 --auth alice:secret
 """
 
@@ -17,6 +17,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from qwen.scripts import (  # noqa: E402
+    PAGE_PORT,
     add_checkpoint_args,
     add_server_args,
     exit_on_user_error,
@@ -30,11 +31,8 @@ from qwen.scripts import (  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Qwen web chat (gradio)")
     add_checkpoint_args(parser)
-    add_server_args(parser)
-    parser.add_argument("--share", action="store_true",
-                        help="also serve on a public gradio.live link (needs --auth, or --insecure-share)")
-    parser.add_argument("--insecure-share", action="store_true",
-                        help="allow --share without --auth: anyone with the link can use the page")
+    add_server_args(parser, PAGE_PORT)
+    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link (needs --auth)")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
     parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together (default 8)")
@@ -49,9 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.auth is None or all(args.auth.partition(":")[::2]),
          "--auth must be USER:PASSWORD with neither part empty (an empty password would let anyone in)"),
-        (not args.share or args.auth or args.insecure_share,
-         "--share publishes the page on a public link: add --auth USER:PASSWORD (or --insecure-share to let "
-         "anyone with the link use it)"),
+        (not args.share or args.auth, "--share needs --auth USER:PASSWORD: a public link without a login lets "
+                                      "anyone on the internet use this model"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
@@ -67,40 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warn_if_exposed(args.server_name, args.auth is not None, "--auth USER:PASSWORD")
-    quiet_libraries()  # before the libraries are imported: some log while importing
-    from dataclasses import replace
-
-    from qwen.chat_backend import chat_engine
+    quiet_libraries()
+    from qwen.chat_api import require_chat_model
     from qwen.loading import checkpoint_name
-    from qwen.webui import WebChat, build_demo, launch_page
+    from qwen.webui import create_page, serve_page
 
     with exit_on_user_error():
         prepare_server(args)
         model, tokenizer = load_checkpoint(args)
-    engine = chat_engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=max(64, args.concurrency),
-                         threads=args.threads)
+        require_chat_model(model.generation_config, "web_demo.py")
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
-    chat = WebChat(model, tokenizer, engine, title=title)
-    overrides = {key: getattr(args, key) for key in ("system", "temperature", "top_p", "max_new_tokens")
-                 if getattr(args, key) is not None}
-    chat.defaults = replace(chat.defaults, **overrides)
-    demo = build_demo(chat, concurrency=args.concurrency)
-    engine.start()
-    # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
-    host = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
-    print(f"Chat page on http://{host}:{args.server_port}"
-          + ("" if args.share else "  (add --share for a public gradio.live link)"), flush=True)
-    try:
-        launch_page(demo, server_name=args.server_name, server_port=args.server_port, share=args.share,
-                    inbrowser=args.inbrowser, auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-                    max_queue=max(64, args.concurrency))
-    except OSError as exc:  # e.g. the port is taken
-        print(f"Error: cannot serve on {args.server_name}:{args.server_port} ({exc}); "
-              "pick another --server-port or stop the program using it.", file=sys.stderr)
-        return 1
-    finally:
-        engine.shutdown(timeout=10)
-    return 0
+    demo = create_page(model, tokenizer, title=title, max_batch_size=args.max_batch_size,
+                       concurrency=args.concurrency, threads=args.threads, system=args.system,
+                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    return serve_page(demo, host=args.server_name, port=args.server_port, share=args.share,
+                      inbrowser=args.inbrowser, auth=args.auth, concurrency=args.concurrency)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ detokenization, stop strings cut even when they arrive split over several tokens
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from qwen_generation_utils import IncrementalDetokenizer, eod_id, get_stop_words_ids, make_context
+from qwen_generation_utils import eod_id, make_context
 
+from .chat_api import StopStrings, TextStream, chat_format, chat_stop_words
 from .engine import Engine, SamplingParams, TokenEvent, model_context_length
 
 # engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
@@ -24,45 +25,6 @@ class GenerationError(RuntimeError):
 
 class ServerShutdownError(GenerationError):
     """The server stopped the request because it is shutting down (its grace period ran out)."""
-
-
-class StopStrings:
-    """Cuts generated text at the first stop string, across chunks.
-
-    push(text) returns the text that is certainly not part of a stop string; a tail that may be the start of
-    one is held back until the next push. After a hit, `stopped` is True and the rest is dropped.
-    """
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.stopped = False
-        self._held = ""
-
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        text = self._held + text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped, self._held = True, ""
-            return text[: min(hits)]
-        keep = self._possible_start(text)
-        self._held = text[len(text) - keep :]
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        """The held-back text, at the end of generation (it never became a stop string)."""
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
-
-    def _possible_start(self, text: str) -> int:
-        """Length of the longest tail of `text` that some stop string starts with."""
-        longest = min(len(text), max((len(s) - 1 for s in self.stops), default=0))
-        for size in range(longest, 0, -1):
-            tail = text[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0
 
 
 @dataclass
@@ -91,7 +53,7 @@ class ChatBackend:
     def __init__(self, model, tokenizer, engine: Engine):
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.generation_config = getattr(model, "generation_config", None)
-        self.chat_format = self.default("chat_format", "chatml")
+        self.chat_format = chat_format(self.generation_config)
         self.max_window_size = self.default("max_window_size", 6144)
         self.stop_token_ids, self.chat_stop_texts = self._stop_tokens()
 
@@ -111,8 +73,7 @@ class ChatBackend:
         eos = self.default("eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else eos or [])
         texts = []
-        configured = self.default("stop_words_ids", None) or []
-        for seq in [*configured, *get_stop_words_ids(self.chat_format, self.tokenizer)]:
+        for seq in chat_stop_words(self.tokenizer, self.generation_config):
             if len(seq) == 1:
                 ids.add(seq[0])
             else:
@@ -134,8 +95,7 @@ class ChatBackend:
         Raises GenerationError when the engine fails the request; the request is cancelled however the
         consumer leaves (also when it stops iterating early).
         """
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        cutter = StopStrings(stops)
+        text_stream = TextStream(self.tokenizer, stops)
         tokens: list[TokenEvent] = []  # events whose text is not released yet
         consumed = 0
         try:
@@ -143,8 +103,8 @@ class ChatBackend:
                 if isinstance(event, TokenEvent):
                     consumed += 1
                     tokens.append(event)
-                    text = cutter.push(detokenizer.push(event.token_id))
-                    if cutter.stopped:
+                    text = text_stream.push(event.token_id)
+                    if text_stream.stopped:
                         handle.cancel()
                         yield Piece(text, tokens if text else [], "stop", handle.prompt_tokens, consumed)
                         return
@@ -159,10 +119,12 @@ class ChatBackend:
                         "tokens; send the request again (to another instance, or once the server is back)"
                     )
                 else:
-                    text = cutter.push(detokenizer.finish())
-                    text += cutter.flush()
+                    text = text_stream.finish()
                     yield Piece(text, tokens, FINISH_REASONS[event.reason], event.prompt_tokens,
                                 event.completion_tokens)
                     return
         finally:
             handle.cancel()
+
+
+__all__ = ["ChatBackend", "GenerationError", "Piece", "ServerShutdownError", "StopStrings", "chat_engine"]

@@ -21,9 +21,8 @@ from typing import Any, TextIO
 
 from transformers import GenerationConfig, set_seed
 
-from qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, encode_plain, suppress_undecodable
+from qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, encode_plain
 
-from .chat_backend import StopStrings
 from .token_bounds import min_tokens
 
 # C0/C1 control characters but tab and newline: printed raw, a saved or generated text could move the cursor,
@@ -157,16 +156,6 @@ class ChatSession:
     def __post_init__(self) -> None:
         self.initial_config = copy.deepcopy(self.config)
 
-    def generation_config(self) -> GenerationConfig:
-        """This turn's config: stop strings are cut here (generate() would need the tokenizer passed for them),
-        and ids past the tokenizer (padding rows of the output layer: Qwen has 151,936 for 151,851 ids) are
-        never sampled."""
-        config = copy.deepcopy(self.config)
-        config.stop_strings = None
-        if self.tokenizer is not None:
-            suppress_undecodable(config, self.tokenizer, self.model)
-        return config
-
     def check_length(self, query: str) -> None:
         """UserInputError when `query` alone is more tokens than a prompt may hold (max_window_size), so it could
         never be answered whole; the cheap lower bound is checked first, so a pasted 2 MB line is refused at once."""
@@ -182,29 +171,20 @@ class ChatSession:
                                  "hold (max_window_size); send a shorter one")
 
     def stream(self, query: str) -> Iterator[str]:
-        """Yield the answer's new text piece by piece; the turn joins the history only once it completes."""
+        """Yield the answer's new text piece by piece; the turn joins the history only once it completes.
+        chat_stream cuts the config's stop strings and never samples ids past the tokenizer."""
         set_seed(self.seed)
-        seen, printed = "", ""
-        cutter = StopStrings(self.config.stop_strings or [])
+        printed = ""
         stream = self.model.chat_stream(
-            self.tokenizer, query, history=self.history, system=self.system,
-            generation_config=self.generation_config(),
+            self.tokenizer, query, history=self.history, system=self.system, generation_config=self.config
         )
         try:
-            for response in stream:
-                if len(response) > len(seen):
-                    piece = cutter.push(response[len(seen):])
-                    seen = response
-                    if piece:
-                        printed += piece
-                        yield piece
-                if cutter.stopped:
-                    break
-            if piece := cutter.flush():
-                printed += piece
-                yield piece
+            for response in stream:  # the answer so far
+                if piece := response[len(printed):]:
+                    printed = response
+                    yield piece
         finally:
-            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C, a stop string)
+            stream.close()  # stops generation at once when the consumer stops early (Ctrl-C)
         self.history.append((query, printed))
 
     def save(self, path: str) -> None:

@@ -21,4 +21,8 @@ class UsageError(UserError):
     """Flags that cannot work together, or a value out of range."""
 
 
-__all__ = ["CheckpointError", "DataError", "UsageError", "UserError"]
+class NotAChatModelError(UsageError, ValueError):
+    """A chat feature asked of a base model (generation_config.chat_format is not "chatml")."""
+
+
+__all__ = ["CheckpointError", "DataError", "NotAChatModelError", "UsageError", "UserError"]

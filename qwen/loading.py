@@ -17,7 +17,7 @@ import torch
 from qwen_generation_utils import suppress_undecodable
 
 from .errors import CheckpointError
-from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
+from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs, gptq_quantization
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -161,16 +161,25 @@ def resolve_device(device: str | None, cpu_only: bool) -> str:
     return str(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """dtype None/"auto": as the original (native bf16, else fp16 from compute capability 7) on a GPU, fp32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str, config: dict | None = None) -> torch.dtype:
+    """dtype None/"auto": the model's own automatic precision (modeling_qwen.auto_dtype: config.json's
+    bf16/fp16/fp32 flag, else native bf16 / fp16 on a GPU, else fp32), except fp32 for a GPTQ checkpoint on the
+    CPU, whose kernel is exact in fp32 only. `config`: config.json as a dict."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device == "cpu" or not torch.cuda.is_available():
-            return torch.float32
-        from .modeling_qwen import native_cuda_dtype
+        from .configuration_qwen import PRECISION_FLAGS, QWenConfig
+        from .modeling_qwen import auto_dtype
 
-        return native_cuda_dtype()
+        on_gpu = device != "cpu" and torch.cuda.is_available()
+        config = config or {}
+        if gptq_quantization(config) is not None and not on_gpu:
+            return torch.float32
+        try:
+            flagged = QWenConfig(**{k: config[k] for k in PRECISION_FLAGS if k in config}).precision_dtype_name()
+        except ValueError as exc:
+            raise CheckpointError(f"config.json: {exc}") from None
+        return auto_dtype(flagged, on_gpu)
     if str(dtype).lower() not in DTYPES:
         raise CheckpointError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
     return DTYPES[str(dtype).lower()]
@@ -202,7 +211,7 @@ def load_model_and_tokenizer(
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
 
     The model is in eval mode, on `device` ("auto": all GPUs via accelerate, else the CPU), in `dtype`
-    ("auto": bf16/fp16 on a GPU, fp32 on the CPU); from_pretrained reads generation_config.json into
+    ("auto": resolve_dtype's, the model's own policy); from_pretrained reads generation_config.json into
     model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
     `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`. GPTQ Int4/Int8 checkpoints load through
     GPT-QModel (qwen.quantize); use_cache_quantization=True overrides config.json and stores the KV cache in int8.
@@ -224,7 +233,7 @@ def load_model_and_tokenizer(
                                        use_cache_quantization=use_cache_quantization, **model_kwargs)
     config = check_checkpoint(path)
     device = resolve_device(device, cpu_only)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, config)
     if device != "cpu":
         model_kwargs.setdefault("device_map", device)  # straight onto the GPU(s), not through the CPU
     for key, value in gptq_load_kwargs(config, device).items():  # GPTQ: the kernel for this device

@@ -1,30 +1,23 @@
-"""The Qwen (v1) architecture for transformers: QWenModel, QWenLMHeadModel, chat() and chat_stream().
+"""The Qwen (v1) architecture for transformers: QWenModel and QWenLMHeadModel (chat API: qwen.chat_api).
 
 Parameter names are those of the 2023 checkpoints (transformer.h.N.attn.c_attn, mlp.w1/w2/c_proj, ...), so
 hub state dicts load as they are. The math follows the original: RMSNorm and rotate-half RoPE in fp32, a
 gated MLP c_proj(w1(x) * silu(w2(x))), dynamic NTK-aware RoPE and logN query scaling above seq_length.
 """
 
-import copy
 import math
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    GenerationConfig,
     LogitsProcessorList,
     PretrainedConfig,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -34,17 +27,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from qwen_generation_utils import (
-    DEFAULT_MAX_WINDOW_SIZE,
-    DEFAULT_SYSTEM,
-    IncrementalDetokenizer,
     StopWordsLogitsProcessor,
-    decode_tokens,
-    eod_id,
-    get_stop_words_ids,
-    make_context,
-    suppress_undecodable,
 )
 
+from .chat_api import QWenChatMixin
 from .compat import CACHE_ARG, LEGACY_CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
 from .configuration_qwen import QWenConfig
 from .kv_cache import Int8KVCache, make_cache
@@ -275,14 +261,21 @@ def native_cuda_dtype() -> torch.dtype:
     return torch.float32
 
 
+def auto_dtype(flagged: str | None, on_gpu: bool) -> torch.dtype:
+    """The one automatic precision (from_pretrained without dtype=, and qwen.loading's "auto"), as the original:
+    config.json's bf16/fp16/fp32 flag (`flagged`: its torch dtype name), else the GPU's native half precision,
+    else fp32."""
+    if flagged is not None:
+        return getattr(torch, flagged)
+    return native_cuda_dtype() if on_gpu else torch.float32
+
+
 def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
-    """The original's precision choice: a bf16/fp16/fp32 flag in config.json, else the GPU's, else fp32."""
-    if (name := config.precision_dtype_name()) is not None:
-        return getattr(torch, name)
+    """auto_dtype for from_pretrained: on a GPU unless device_map keeps everything on the CPU (or disk)."""
     on_cpu = device_map in ("cpu", torch.device("cpu")) or (
         isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
     )
-    return native_cuda_dtype() if torch.cuda.is_available() and not on_cpu else torch.float32
+    return auto_dtype(config.precision_dtype_name(), torch.cuda.is_available() and not on_cpu)
 
 
 def _flash_attn_usable(config: QWenConfig) -> bool:
@@ -464,34 +457,7 @@ class QWenModel(QWenPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(cache if use_cache else None))
 
 
-class _StopFlag(StoppingCriteria):
-    """Ends generation as soon as `stop` is set from another thread (the consumer of a stream went away)."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _TokenQueue(BaseStreamer):
-    """Streamer handing generated ids (the prompt skipped) to the consuming thread."""
-
-    def __init__(self):
-        self.queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        self.queue.put(None)
-
-
-class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: QWenConfig):
@@ -573,7 +539,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         )
 
     # ------------------------------------------------------------------------------------------------------------
-    # Generation with stop words, and the original chat API
+    # Generation with stop words (chat() and chat_stream() come from QWenChatMixin)
 
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
         """GenerationMixin.generate, plus the original's `stop_words_ids` (lists of token ids ending generation)."""
@@ -591,128 +557,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             logits_processor = LogitsProcessorList(logits_processor or [])
             logits_processor.append(StopWordsLogitsProcessor(stop_words_ids=stop_words_ids, eos_token_id=eos_token_id))
         return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs)
-
-    def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
-        """Shared by chat and chat_stream: the per-call generation config, prompt and stop ids."""
-        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        chat_format = getattr(generation_config, "chat_format", "chatml")
-        if chat_format != "chatml":
-            raise ValueError(
-                f"chat() needs a chat model (generation_config.chat_format == 'chatml'); this one is {chat_format!r}, "
-                "a base model: use model.generate() on plain text, or load the -Chat checkpoint."
-            )
-        max_window_size = kwargs.pop("max_window_size", None) or getattr(
-            generation_config, "max_window_size", DEFAULT_MAX_WINDOW_SIZE
-        )
-        unused = generation_config.update(**kwargs)  # per-call overrides (max_new_tokens, top_p, ...)
-        if generation_config.eos_token_id is None:  # e.g. a demo model with another tokenizer
-            generation_config.eos_token_id = eod_id(tokenizer)
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = generation_config.eos_token_id
-        suppress_undecodable(generation_config, tokenizer, self)  # never sample an id it cannot decode
-        history = [tuple(turn) for turn in (history or [])]
-        raw_text, context_tokens = make_context(
-            tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
-        )
-        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
-        input_ids = torch.tensor([context_tokens], device=self.device)
-        return generation_config, unused, history, raw_text, input_ids, stop_words_ids
-
-    def chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        system: str = DEFAULT_SYSTEM,
-        append_history: bool = True,
-        stop_words_ids: list[list[int]] | None = None,
-        generation_config: GenerationConfig | None = None,
-        **kwargs,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """One chat turn: returns the response and a new history list (with (query, response) appended unless
-        append_history=False, as the original's parameter of that name)."""
-        generation_config, extra, history, raw_text, input_ids, stop_words_ids = self._chat_inputs(
-            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
-        )
-        outputs = self.generate(
-            input_ids, generation_config=generation_config, stop_words_ids=stop_words_ids, **extra
-        )[0].tolist()
-        # EOS (forced after a stop word, or padding) is never part of the reply.
-        eos = generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        end = next((i for i in range(input_ids.shape[1], len(outputs)) if outputs[i] in eos_ids), len(outputs))
-        response = decode_tokens(
-            outputs[:end],
-            tokenizer,
-            raw_text_len=len(raw_text),
-            context_length=input_ids.shape[1],
-            chat_format="chatml",
-            verbose=False,
-            errors="replace",
-        )
-        if append_history:
-            history.append((query, response))
-        return response, history
-
-    def chat_stream(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        system: str = DEFAULT_SYSTEM,
-        stop_words_ids: list[list[int]] | None = None,
-        logits_processor: LogitsProcessorList | None = None,
-        generation_config: GenerationConfig | None = None,
-        **kwargs,
-    ) -> Iterator[str]:
-        """Yields the response so far (cumulative text) as tokens arrive; closing the generator stops generation."""
-        generation_config, extra, _, _, input_ids, stop_words_ids = self._chat_inputs(
-            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
-        )
-        # Generation ends on a stop word; those ids and EOS never reach the text.
-        eos = generation_config.eos_token_id
-        end_ids = {ids[0] for ids in stop_words_ids if len(ids) == 1}
-        end_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        streamer, stop_flag = _TokenQueue(), _StopFlag()
-        failure: list[BaseException] = []
-
-        def run():
-            try:
-                self.generate(
-                    input_ids,
-                    generation_config=generation_config,
-                    logits_processor=logits_processor,
-                    stop_words_ids=stop_words_ids,
-                    stopping_criteria=StoppingCriteriaList([stop_flag]),
-                    streamer=streamer,
-                    **extra,
-                )
-            except BaseException as error:  # re-raised in the consumer's thread
-                failure.append(error)
-                streamer.end()
-
-        worker = threading.Thread(target=run, name="qwen-chat-stream", daemon=True)
-        worker.start()
-        detokenizer = IncrementalDetokenizer(tokenizer)
-        text, shown = "", ""
-        try:
-            while (ids := streamer.queue.get()) is not None:
-                if any(i in end_ids for i in ids):
-                    ids = ids[: min(ids.index(i) for i in end_ids if i in ids)]
-                    text += detokenizer.push(ids)
-                    break
-                text += detokenizer.push(ids)
-                if (current := text.strip()) != shown:
-                    shown = current
-                    yield shown
-            text += detokenizer.finish()
-            if failure:
-                raise failure[0]
-            if (current := text.strip()) != shown:
-                yield current
-        finally:
-            stop_flag.stop.set()
-            worker.join()
 
 
 __all__ = [

@@ -38,9 +38,12 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, demo_default: bool =
                              "them as loaded (plain); GPUs and quantized layers are not affected")
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """What both servers (API, web page) take: --server-port (8000, as the original), --server-name, --threads."""
-    parser.add_argument("--server-port", type=port, default=8000, help="port (default 8000)")
+API_PORT, PAGE_PORT = 8000, 8080  # the servers' default ports: apart, so both run side by side
+
+
+def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """What both servers (API, web page) take: --server-port, --server-name, --threads."""
+    parser.add_argument("--server-port", type=port, default=default_port, help=f"port (default {default_port})")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--threads", type=int, default=None,
@@ -113,7 +116,7 @@ def port(value: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
     if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a port: use 0..65535 (default 8000)")
+        raise argparse.ArgumentTypeError(f"{number} is not a port: use 0..65535")
     return number
 
 
@@ -139,15 +142,24 @@ def quiet_libraries() -> None:
     """Keep library chatter out of a person's terminal. Call first thing in main(), before heavy imports (some
     libraries log while being imported, e.g. bitsandbytes on CPUs without its optional kernels).
 
-    transformers' own logging shows errors only; Python warnings (FutureWarning, ...) go to the `py.warnings`
-    logger; any library logger without handlers of its own reaches stderr from ERROR up.
+    transformers' own logging shows errors only and no "Loading weights" bar (the loader prints one line when
+    done; download bars stay); Python warnings (FutureWarning, ...) go to the `py.warnings` logger; any library
+    logger without handlers of its own reaches stderr from ERROR up.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.set_tqdm_hook(_without_loading_bar)
     logging.captureWarnings(True)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _without_loading_bar(factory, args, kwargs):
+    """transformers' tqdm hook: every bar but the one over the weights being loaded."""
+    from transformers.utils.logging import EmptyTqdm
+
+    return (EmptyTqdm if kwargs.get("desc") == "Loading weights" else factory)(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -160,4 +172,4 @@ def exit_on_user_error():
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
+__all__ = ["API_PORT", "PAGE_PORT", "add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]

@@ -18,15 +18,16 @@ one person at a time. Here:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
 from qwen_generation_utils import DEFAULT_SYSTEM
 
 from .chat_backend import ChatBackend, GenerationError
-from .engine import Engine, PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
+from .engine import PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
@@ -61,10 +62,9 @@ class WebChat:
     answer streams, so whatever was yielded last (also when the event is cancelled) is consistent.
     """
 
-    def __init__(self, model, tokenizer, engine: Engine, *, title: str = "Qwen", defaults: Defaults | None = None):
-        self.tokenizer, self.engine, self.title = tokenizer, engine, title
+    def __init__(self, backend: ChatBackend, *, title: str = "Qwen", defaults: Defaults | None = None):
         # shared with the API server: checkpoint defaults, stop tokens and strings, streamed text
-        self.backend = ChatBackend(model, tokenizer, engine)
+        self.backend, self.engine, self.title = backend, backend.engine, title
         self.defaults = defaults or self.checkpoint_defaults()
         self._running: dict[str, RequestHandle] = {}  # session -> the engine request of its answer
 
@@ -185,7 +185,40 @@ def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
     return demo
 
 
-__all__ = ["Defaults", "WebChat", "build_demo", "to_messages"]
+def create_page(model, tokenizer, *, title: str = "Qwen", max_batch_size: int = 8, concurrency: int = 16,
+                threads: int | None = None, **initial) -> gr.Blocks:
+    """The page serving `model` on its own engine (started by serve_page); `initial`: Defaults fields to start
+    the settings with instead of the checkpoint's (None = the checkpoint's)."""
+    backend = ChatBackend.from_model(model, tokenizer, max_batch_size=max_batch_size,
+                                     max_queue=max(64, concurrency), threads=threads)
+    chat = WebChat(backend, title=title)
+    chat.defaults = replace(chat.defaults, **{key: value for key, value in initial.items() if value is not None})
+    demo = build_demo(chat, concurrency=concurrency)
+    demo.web_chat = chat  # serve_page starts and stops its engine
+    return demo
+
+
+def serve_page(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 8080, share: bool = False,
+               inbrowser: bool = False, auth: str | None = None, concurrency: int = 16) -> int:
+    """Serve `demo` (from create_page) until Ctrl-C; the exit status (1: the port could not be used)."""
+    engine = demo.web_chat.engine
+    engine.start()
+    # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    hint = "" if share else "  (--share with --auth adds a public gradio.live link)"
+    print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
+    try:
+        launch_page(demo, server_name=host, server_port=port, share=share, inbrowser=inbrowser,
+                    auth=tuple(auth.split(":", 1)) if auth else None, max_queue=max(64, concurrency))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"Error: cannot serve on {host}:{port} ({exc}); pick another --server-port or stop the program "
+              "using it.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while gradio was still starting: a quiet stop, as later
+        pass
+    finally:
+        engine.shutdown(timeout=10)
+    return 0
 
 
 def launch_page(demo: gr.Blocks, *, server_name: str, server_port: int, share: bool = False, inbrowser: bool = False,
@@ -196,3 +229,6 @@ def launch_page(demo: gr.Blocks, *, server_name: str, server_port: int, share: b
         max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, show_error=True, quiet=True,
         prevent_thread_lock=prevent_thread_lock,
     )
+
+
+__all__ = ["Defaults", "WebChat", "build_demo", "create_page", "launch_page", "serve_page", "to_messages"]

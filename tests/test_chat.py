@@ -138,6 +138,14 @@ def test_closing_the_stream_stops_generation(model, tokenizer):
     assert not any(t.name == "qwen-chat-stream" and t.is_alive() for t in threading.enumerate())
 
 
+def test_stream_ends_at_a_stop_string_split_over_tokens(model, tokenizer):
+    """generation_config.stop_strings end the stream (the text before them is the answer) and the generation."""
+    script = Script(tokenizer.encode(" one two three"))  # then " three" forever
+    chunks = list(model.chat_stream(tokenizer, "q", max_new_tokens=400, stop_strings=["two three"],
+                                    logits_processor=[script]))
+    assert chunks[-1] == "one" and script.steps < 400
+
+
 def test_base_model_refuses_chat(tokenizer):
     base = tiny_chat_model(151936, tokenizer.eod_id, chat_format="raw")
     with pytest.raises(ValueError, match="base model"):

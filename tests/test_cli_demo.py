@@ -97,3 +97,14 @@ def test_missing_checkpoint_is_one_clear_line():
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "/no/such/dir" in lines[0], result.stderr
+
+
+def test_a_base_model_is_refused_at_start_in_one_line(tmp_path):
+    from qwen.checkpoints import make_tiny_checkpoint
+
+    base = make_tiny_checkpoint(tmp_path / "base", chat=False)
+    result = subprocess.run([sys.executable, "cli_demo.py", "-c", str(base)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "cli_demo.py needs a chat model" in lines[-1], result.stderr

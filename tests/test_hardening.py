@@ -373,7 +373,7 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "openai_api.py", "-c", str(tiny_checkpoint), "--server-port", str(port),
-         "--model-name", "tiny", "--shutdown-timeout", "1"],
+         "--model-name", "tiny", "--shutdown-timeout", "3"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
@@ -388,7 +388,7 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
                 time.sleep(0.2)
         results: list[list] = []
 
-        def long_stream():  # ~2,000 tokens of a random model: far longer than the 1 s grace period
+        def long_stream():  # ~2,000 tokens of a random model: far longer than the 3 s grace period
             body = {"model": "tiny", "messages": USER, "stream": True, "max_tokens": 100_000, "temperature": 1.0,
                     "seed": 1}
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
@@ -400,6 +400,13 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
         while httpx.get(url + "/health").json()["running"] < 2:
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
+        # still listening while the running requests finish: new ones get 503, /health says stopping
+        health = httpx.get(url + "/health", timeout=10)
+        while health.status_code == 200:
+            health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "stopping"
+        refused = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": USER}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
         for thread in threads:
             thread.join(60)
         assert process.wait(60) == 0
@@ -410,7 +417,7 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
     assert len(results) == 2
     for events in results:
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", events[-3:]
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "shutting down: no new requests" in output, output
 
 
 # ------------------------------------------------------------------------ 9. OpenAI compatibility

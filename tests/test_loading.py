@@ -100,6 +100,22 @@ def test_cpu_only_gives_fp32_on_cpu_and_dtype_can_be_chosen(checkpoints):
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
 
 
+def test_the_loader_and_from_pretrained_share_one_automatic_precision(tmp_path):
+    """config.json's bf16 flag decides the automatic dtype for the scripts' loader as for from_pretrained; a GPTQ
+    checkpoint on the CPU stays fp32 (its kernel's exact dtype); two flags at once are a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    flagged = make_tiny_checkpoint(tmp_path / "bf16", **TINY)
+    config = json.loads((flagged / "config.json").read_text())
+    (flagged / "config.json").write_text(json.dumps({**config, "bf16": True, "fp16": False, "fp32": False}))
+    loaded, _ = load_model_and_tokenizer(str(flagged), cpu_only=True)
+    assert loaded.dtype == AutoModelForCausalLM.from_pretrained(flagged).dtype == torch.bfloat16
+    gptq = {**config, "fp16": True, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    assert resolve_dtype("auto", "cpu", gptq) == torch.float32
+    with pytest.raises(CheckpointError, match="more than one of bf16/fp16/fp32"):
+        resolve_dtype(None, "cpu", {**config, "bf16": True, "fp16": True})
+
+
 def test_device_and_dtype_choices():
     assert resolve_device("cuda:0", cpu_only=True) == "cpu"
     assert resolve_dtype(None, "cpu") == torch.float32

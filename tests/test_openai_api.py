@@ -7,8 +7,11 @@ The demo model serves the concurrency test, through the real `openai_api.py` pro
 
 import asyncio
 import base64
+import contextlib
+import importlib.util
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -344,12 +347,12 @@ CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "M
             "Egypt": "Cairo", "Canada": "Ottawa", "Russia": "Moscow"}
 
 
-@pytest.fixture(scope="module")
-def demo_server(demo_checkpoint):
+@contextlib.contextmanager
+def api_process(*flags, env=None):
+    """The real openai_api.py on a free port, until /health answers; yields (url, process) and stops it."""
     port = free_port()
-    command = [sys.executable, str(REPO / "openai_api.py"), "-c", str(demo_checkpoint), "--server-port", str(port),
-               "--model-name", "qwen-demo", "--model-name", "gpt-3.5-turbo", "--api-key", "sk-demo"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    command = [sys.executable, str(REPO / "openai_api.py"), "--server-port", str(port), *flags]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -362,10 +365,47 @@ def demo_server(demo_checkpoint):
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        yield SimpleNamespace(url=url, process=process)
+        yield SimpleNamespace(url=url, port=port, process=process)
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_checkpoint):
+    with api_process("-c", str(demo_checkpoint), "--model-name", "qwen-demo", "--model-name", "gpt-3.5-turbo",
+                     "--api-key", "sk-demo") as server:
+        yield server
+
+
+def readme_api_snippets() -> list[tuple[str, str]]:
+    """(language, code) of the README's API examples: the blocks of its API section that call the server."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## OpenAI-compatible API", 1)[1]
+    section = section.split("\n### ", 1)[0]
+    return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
+            if "127.0.0.1:8000/v1" in code]
+
+
+def test_readme_api_snippets_work_verbatim_on_the_demo_server():
+    """The README's curl / openai / LangChain examples, run as written (on a free port instead of 8000) against
+    `python openai_api.py` started as the README starts it, with the README's key."""
+    snippets = readme_api_snippets()
+    assert [lang for lang, _ in snippets] == ["bash", "python", "python"]
+    with api_process(env={"QWEN_API_KEY": "sk-mysecret"}) as server:
+        for lang, code in snippets:
+            code = code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+            if "langchain_openai" in code and importlib.util.find_spec("langchain_openai") is None:
+                continue  # not in requirements-dev.txt: runs where langchain-openai is installed
+            command = ["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0 and '"error"' not in done.stdout, (code, done.stdout, done.stderr)
+            assert done.stdout.strip(), code
+            if lang == "bash":
+                assert done.stdout.rstrip().endswith("data: [DONE]"), done.stdout
+        server.process.terminate()
+        log = server.process.communicate(timeout=30)[0]
+    assert "serving 'qwen-demo' (any other model name is answered too); auth: Bearer key" in log, log
+    assert "Loading weights" not in log, log
 
 
 def test_eight_concurrent_streams_while_bad_requests_fail(demo_server):

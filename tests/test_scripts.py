@@ -82,10 +82,10 @@ def test_prepare_server_gives_the_threads_to_the_engine_and_keeps_one(given, exp
 
     import torch
 
-    from qwen.scripts import add_server_args, prepare_server
+    from qwen.scripts import API_PORT, add_server_args, prepare_server
 
     parser = argparse.ArgumentParser()
-    add_server_args(parser)
+    add_server_args(parser, API_PORT)
     args = parser.parse_args(["--server-port", "0", *given])
     before = torch.get_num_threads()
     try:
@@ -95,3 +95,11 @@ def test_prepare_server_gives_the_threads_to_the_engine_and_keeps_one(given, exp
         assert args.threads == (expected or (cores - 1 if cores > 2 else cores))
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_api_and_the_page_listen_on_different_default_ports():
+    """Started side by side with their defaults, the API and the chat page do not collide."""
+    import openai_api
+    import web_demo
+
+    assert openai_api.parse_args([]).server_port != web_demo.parse_args([]).server_port

@@ -214,13 +214,14 @@ def wait_until(condition, timeout_s: float = 60) -> bool:
 
 def test_stop_clear_and_leaving_cancel_the_engine_request(browser, demo_checkpoint):
     """The page built in this process, so the engine can be watched: nothing keeps generating for nobody."""
-    from qwen.engine import Engine
+    from qwen.chat_backend import ChatBackend
     from qwen.loading import load_model_and_tokenizer
     from qwen.webui import Defaults, WebChat, build_demo
 
     model, tokenizer = load_model_and_tokenizer(str(demo_checkpoint))
-    engine = Engine(model, max_context=model.config.max_position_embeddings).start()
-    chat = WebChat(model, tokenizer, engine, defaults=Defaults(temperature=0, max_new_tokens=400))
+    backend = ChatBackend.from_model(model, tokenizer)
+    engine = backend.engine.start()
+    chat = WebChat(backend, defaults=Defaults(temperature=0, max_new_tokens=400))
     demo = build_demo(chat, concurrency=2)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,

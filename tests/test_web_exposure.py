@@ -18,7 +18,7 @@ def test_share_without_auth_is_refused():
     done = subprocess.run([sys.executable, "web_demo.py", "--share"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2
-    assert "--share publishes the page on a public link: add --auth" in done.stderr
+    assert "--share needs --auth USER:PASSWORD" in done.stderr
     assert "Traceback" not in done.stderr
 
 

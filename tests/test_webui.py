@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO
 from transformers import GenerationConfig
 
+from qwen.chat_backend import ChatBackend
 from qwen.engine import FinishEvent, PromptTooLongError, QueueFullError, TokenEvent
 from qwen.webui import WebChat
 from qwen_generation_utils import chatml_ids, make_context
@@ -72,7 +73,7 @@ def make_chat(demo_tokenizer):
         engine = ScriptedEngine(demo_tokenizer, **engine_kwargs)
         config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=64, do_sample=True,
                                   temperature=0.7, top_p=0.8)
-        return WebChat(SimpleNamespace(generation_config=config), demo_tokenizer, engine), engine
+        return WebChat(ChatBackend(SimpleNamespace(generation_config=config), demo_tokenizer, engine)), engine
 
     return make
 
@@ -205,6 +206,7 @@ def test_one_answer_at_a_time_per_session_others_unaffected(make_chat):
     (["--server-port", "70000"], "70000 is not a port: use 0..65535"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--share"], "--share needs --auth"),
 ])
 def test_bad_flags_exit_2_with_one_message(flags, message):
     done = subprocess.run([sys.executable, "web_demo.py", *flags], cwd=REPO, capture_output=True, text=True,

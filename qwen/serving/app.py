@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import protocol as api
 from ..chat_backend import ChatBackend, GenerationError, chat_engine
 from ..engine import Engine
-from .auth import check_secrets, make_auth_check
+from .auth import check_secrets, describe_auth, make_auth_check
 from .chat import ChatCompletions
 from .completions import TextCompletions
 from .guard import LOOPBACK_HOSTS, AccessGuard, ConnectionLimits, protocol_class, quiet_accept_errors
@@ -131,6 +132,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan, separate_input_output_schemas=False)
     app.state.server, app.state.chat, app.state.completions = server, chat, completion
     app.state.limits = limits or ConnectionLimits()
+    app.state.auth = describe_auth(api_key, api_auth)
     app.openapi = lambda: _openapi_schema(app)
 
     async def read(request: Request, model_class):
@@ -195,9 +197,10 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new (503) at once, give running
-    requests the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so,
-    then [DONE]), and exit normally. A second Ctrl-C quits without waiting."""
+    """uvicorn with openai_api.py's shutdown: at SIGTERM / Ctrl-C admit nothing new at once, but keep listening
+    (new requests get 503, /health says "stopping", so a load balancer drains the server), give running requests
+    the app's shutdown_timeout to finish, then stop them (streams end with an error event saying so, then
+    [DONE]); the port closes once nothing runs, and the process exits with 0. A second Ctrl-C quits at once."""
 
     def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
         super().__init__(config)
@@ -209,7 +212,15 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True  # not re-raised at exit, unlike uvicorn's own: the process exits with 0
 
     async def shutdown(self, sockets=None) -> None:
-        self.openai_server.begin_shutdown()
+        server = self.openai_server
+        server.begin_shutdown()
+        # uvicorn closes the listening socket first: wait for the running requests (at most the grace period,
+        # after which begin_shutdown's timer stops them) while still answering 503
+        deadline = asyncio.get_running_loop().time() + server.shutdown_timeout + 1
+        while (server.engine.num_running or server.engine.num_waiting) and not self.force_exit:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         await super().shutdown(sockets)
 
 
@@ -222,5 +233,18 @@ def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_l
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run `app` (from create_app) with uvicorn until SIGTERM / Ctrl-C; see GracefulServer."""
+    print(startup_line(app, host, port), flush=True)
+    logging.getLogger("qwen.serving").setLevel(logging.INFO)  # the shutdown line; errors are logged anyway
     GracefulServer(server_config(app, host, port, log_level), app.state.server).run()
 
+
+def startup_line(app: FastAPI, host: str, port: int) -> str:
+    """What a person starting the server needs: where, which model name, whether other names are answered, auth."""
+    server = app.state.server
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    names = ", ".join(repr(name) for name in server.model_names)
+    other = ("any other model name is answered too" if server.accept_any_model
+             else "other model names get 404")
+    auth = app.state.auth
+    warning = "; anyone who can reach this port can use it" if auth == "off" and shown != host else ""
+    return f"API on http://{shown}:{port}/v1 serving {names} ({other}); auth: {auth}{warning}"

@@ -54,6 +54,12 @@ def make_auth_check(api_key: str | None, api_auth: str | None):
     return check
 
 
+def describe_auth(api_key: str | None, api_auth: str | None) -> str:
+    """What a client must send, for the start-up line."""
+    kinds = [kind for kind, secret in (("Bearer key", api_key), ("Basic login", api_auth)) if secret is not None]
+    return " or ".join(kinds) if kinds else "off"
+
+
 def check_secrets(api_key: str | None, api_auth: str | None) -> None:
     """Refuse settings that would silently weaken auth: an empty key, or a Basic login without user/password."""
     if api_key is not None and not api_key.strip():

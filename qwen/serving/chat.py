@@ -12,6 +12,7 @@ from qwen_generation_utils import make_continuation_context
 
 from .. import protocol as api
 from .. import react
+from ..chat_api import is_chat_model
 from ..engine import SamplingParams, TokenEvent
 from .http import APIError
 from .server import OpenAIServer
@@ -99,7 +100,7 @@ class ChatCompletions:
         except react.ReActError as exc:
             raise APIError(400, str(exc)) from exc
         continuing = query is react.TEXT_COMPLETION
-        if continuing and backend.chat_format != "chatml":
+        if continuing and not is_chat_model(backend.generation_config):
             raise APIError(400, "continuing after a tool result needs a chat model (chat_format chatml)")
         if continuing:
             _, prompt_ids = make_continuation_context(backend.tokenizer, history, system, backend.max_window_size)

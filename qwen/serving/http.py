@@ -167,7 +167,7 @@ class InternalErrors:
         try:
             await self.app(scope, receive, watch)
         except ClientDisconnect:  # the client left mid-request (e.g. an aborted upload): no one to answer
-            logger.info("client %s left before sending all of %s %s", scope.get("client"), scope.get("method"),
+            logger.debug("client %s left before sending all of %s %s", scope.get("client"), scope.get("method"),
                         scope.get("path"))
         except Exception:
             logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
