@@ -11,6 +11,7 @@ keep answering. A client that goes away cancels its requests (the stream's `fina
 for non-streamed calls), which frees their slots.
 
 The modules, one job each (as vLLM keeps chat and completions apart):
+    guard         connection cap and read timeouts, Host / Origin / JSON-only checks, stalled streams
     http          request guards (body size, JSON depth, validation) and the OpenAI error body
     streams       merging choices, server-sent events, cancelling on disconnect
     auth          Bearer key / Basic login checks
