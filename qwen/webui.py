@@ -26,8 +26,9 @@ import gradio as gr
 
 from qwen_generation_utils import DEFAULT_SYSTEM
 
-from .chat_backend import ChatBackend, GenerationError
+from .chat_backend import ChatBackend
 from .engine import PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
+from .errors import GenerationError
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)

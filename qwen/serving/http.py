@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import protocol as api
-from ..chat_backend import GenerationError, ServerShutdownError
+from ..errors import GenerationError, ServerShutdownError
 
 logger = logging.getLogger("qwen.serving")
 
