@@ -200,12 +200,12 @@ def serve_page(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 8080, sh
                inbrowser: bool = False, auth: str | None = None, concurrency: int = 16) -> int:
     """Serve `demo` (from create_page) until Ctrl-C; the exit status (1: the port could not be used)."""
     engine = demo.web_chat.engine
-    engine.start()
     # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     hint = "" if share else "  (--share with --auth adds a public gradio.live link)"
-    print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
     try:
+        engine.start()
+        print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
         demo.queue(max_size=max(64, concurrency)).launch(
             server_name=host, server_port=port, share=share, inbrowser=inbrowser,
             auth=tuple(auth.split(":", 1)) if auth else None, ssr_mode=False, show_error=True, quiet=True,
