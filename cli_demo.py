@@ -28,28 +28,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()  # keep library warnings out of the conversation (before the libraries are imported)
+    quiet_libraries()  # keep library warnings out of the conversation
     from qwen.chat_api import require_chat_model
-    from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_seed
+    from qwen.cli import ChatSession, Repl, apply_conf, parse_seed
 
     overrides = {
         key: value
         for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
         if (value := getattr(args, key)) is not None
     }
-    try:
-        seed = parse_seed(str(args.seed))
-    except UserInputError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
     with exit_on_user_error():
+        seed = parse_seed(str(args.seed))  # before loading: a bad seed costs no wait
         model, tokenizer = load_checkpoint(args)
         require_chat_model(model.generation_config, "cli_demo.py")
-    try:
         config = apply_conf(model.generation_config, overrides)
-    except UserInputError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
     session = ChatSession(model, tokenizer, config, system=args.system, seed=seed)
     return Repl(session).run()
 

@@ -55,10 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def add_safety_args(parser: argparse.ArgumentParser) -> None:
-    """Who may call the server, how much one request may hold, how it stops (README: Running it safely).
+    """Who may call the server, how much one request may hold, how it stops (README: Running it safely); the
+    defaults are qwen.serving's."""
+    from qwen.serving import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SHUTDOWN_TIMEOUT
+    from qwen.serving.guard import (
+        DEFAULT_BODY_TIMEOUT,
+        DEFAULT_HEADER_TIMEOUT,
+        DEFAULT_STALL_TIMEOUT,
+        FD_RESERVE,
+        MAX_CONNECTIONS_CAP,
+    )
 
-    Defaults of None leave qwen.serving's (4 MiB, 100,000 messages, 30 s; the connection limits of
-    qwen.serving.guard), which is not imported here to keep --help fast."""
     group = parser.add_argument_group("access, limits and shutdown")
     group.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                        help="web origins (https://app.example) whose pages may call the API from a browser, "
@@ -71,23 +78,23 @@ def add_safety_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strict-model-name", action="store_true",
                        help="answer only requests naming a --model-name, others get 404 model_not_found (default: "
                             "any name is answered, as OpenAI clients send theirs, e.g. gpt-3.5-turbo)")
-    group.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
-                       help="largest request body; larger gets 413 (default 4 MiB)")
-    group.add_argument("--max-messages", type=int, default=None, metavar="N",
-                       help="most messages in one chat request; more get 400 (default 100,000)")
-    group.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                       help=f"largest request body; larger gets 413 (default {DEFAULT_MAX_REQUEST_BYTES // 2**20} MiB)")
+    group.add_argument("--max-messages", type=int, default=DEFAULT_MAX_MESSAGES, metavar="N",
+                       help=f"most messages in one chat request; more get 400 (default {DEFAULT_MAX_MESSAGES:,})")
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="SECONDS",
                        help="on SIGTERM / Ctrl-C, how long running requests may finish before they are stopped "
-                            "(default 30)")
+                            f"(default {DEFAULT_SHUTDOWN_TIMEOUT:.0f})")
     group.add_argument("--max-connections", type=int, default=None, metavar="N",
                        help="open connections at most; beyond, the oldest one still sending its request is closed "
-                            "(default: the fd limit less 128, at most 4096)")
-    group.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
-                       help="a connection must send its request headers within this (default 10)")
-    group.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
-                       help="a request body may pause this long between pieces (default 30)")
-    group.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                            f"(default: the fd limit less {FD_RESERVE}, at most {MAX_CONNECTIONS_CAP})")
+    group.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                       help=f"a connection must send its request headers within this (default {DEFAULT_HEADER_TIMEOUT:.0f})")
+    group.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                       help=f"a request body may pause this long between pieces (default {DEFAULT_BODY_TIMEOUT:.0f})")
+    group.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
                        help="a stream whose client reads nothing for this long is dropped, freeing its slot "
-                            "(default 30)")
+                            f"(default {DEFAULT_STALL_TIMEOUT:.0f})")
 
 
 def check_safety_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -98,29 +105,27 @@ def check_safety_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--api-auth must be USER:PASSWORD with neither part empty")
     if args.allow_credentials and (not args.allowed_origins or "*" in args.allowed_origins):
         parser.error("--allow-credentials needs --allowed-origins listing the origins, not '*'")
-    if any(v is not None and v < 1 for v in (args.max_request_bytes, args.max_messages)):
+    if min(args.max_request_bytes, args.max_messages) < 1:
         parser.error("--max-request-bytes and --max-messages must be at least 1")
-    if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
+    if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
     if args.max_connections is not None and args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
-    if any(v is not None and not v > 0 for v in (args.header_timeout, args.body_timeout, args.stall_timeout)):
+    if not all(v > 0 for v in (args.header_timeout, args.body_timeout, args.stall_timeout)):
         parser.error("--header-timeout, --body-timeout and --stall-timeout must be above 0")
 
 
 def safety_settings(args: argparse.Namespace) -> dict:
-    """create_app() keyword arguments of the flags above (unset limits keep create_app's defaults)."""
+    """create_app() keyword arguments of the flags above."""
     from qwen.serving.guard import ConnectionLimits, default_allowed_hosts
 
-    timeouts = {key: getattr(args, key) for key in ("header_timeout", "body_timeout", "stall_timeout")
-                if getattr(args, key) is not None}
-    settings = {"allowed_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
-                "accept_any_model": not args.strict_model_name,
-                "allowed_hosts": default_allowed_hosts(args.server_name) + args.allowed_hosts,
-                "limits": ConnectionLimits(max_connections=args.max_connections, **timeouts)}
-    limits = {"max_request_bytes": args.max_request_bytes, "max_messages": args.max_messages,
-              "shutdown_timeout": args.shutdown_timeout}
-    return settings | {key: value for key, value in limits.items() if value is not None}
+    limits = ConnectionLimits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                              body_timeout=args.body_timeout, stall_timeout=args.stall_timeout)
+    return {"allowed_origins": args.allowed_origins, "allow_credentials": args.allow_credentials,
+            "accept_any_model": not args.strict_model_name, "max_request_bytes": args.max_request_bytes,
+            "max_messages": args.max_messages, "shutdown_timeout": args.shutdown_timeout,
+            "allowed_hosts": default_allowed_hosts(args.server_name) + args.allowed_hosts,
+            "limits": limits}
 
 
 def default_model_name(checkpoint: str | None) -> str:
@@ -132,7 +137,7 @@ def default_model_name(checkpoint: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()  # before the libraries are imported: some log while importing
+    quiet_libraries()
     from qwen.serving import create_app, serve
 
     with exit_on_user_error():

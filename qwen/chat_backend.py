@@ -14,17 +14,10 @@ from qwen_generation_utils import eod_id, make_context
 
 from .chat_api import StopStrings, TextStream, chat_format, chat_stop_words
 from .engine import Engine, SamplingParams, TokenEvent, model_context_length
+from .errors import GenerationError, ServerShutdownError
 
 # engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
-
-
-class GenerationError(RuntimeError):
-    """The engine failed a request (e.g. out of memory); other requests go on."""
-
-
-class ServerShutdownError(GenerationError):
-    """The server stopped the request because it is shutting down (its grace period ran out)."""
 
 
 @dataclass

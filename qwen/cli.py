@@ -23,6 +23,7 @@ from transformers import GenerationConfig, set_seed
 
 from qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, encode_plain
 
+from .errors import UsageError  # what a person typed (a command, a :conf value, a seed) cannot be used
 from .token_bounds import min_tokens
 
 # C0/C1 control characters but tab and newline: printed raw, a saved or generated text could move the cursor,
@@ -33,10 +34,6 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """`text` safe for the terminal: control characters (ESC, CR, BEL, ...) written as visible \\xNN escapes."""
     return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-class UserInputError(ValueError):
-    """A mistake in what the user typed; the message says what is wrong and what to do."""
 
 
 def _parse_bool(text: str) -> bool:
@@ -91,34 +88,34 @@ CONF_OPTIONS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool] | None
 
 
 def parse_seed(text: str) -> int:
-    """A seed as typed (`:seed N`, `--seed N`); UserInputError unless it is an integer in SEED_RANGE."""
+    """A seed as typed (`:seed N`, `--seed N`); UsageError unless it is an integer in SEED_RANGE."""
     try:
         seed = int(text)
     except ValueError:
-        raise UserInputError(f"seed must be an integer, not '{text}'") from None
+        raise UsageError(f"seed must be an integer, not '{text}'") from None
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise UserInputError(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, not {seed}")
+        raise UsageError(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, not {seed}")
     return seed
 
 
 def parse_conf_items(items: list[str]) -> dict[str, Any]:
-    """``["max_new_tokens=5", "top_p=0.9"]`` → typed values; raises UserInputError naming the bad item."""
+    """``["max_new_tokens=5", "top_p=0.9"]`` → typed values; raises UsageError naming the bad item."""
     updates: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not key or not raw:
-            raise UserInputError(f"'{item}' is not key=value; e.g. :conf max_new_tokens=128 top_p=0.8")
+            raise UsageError(f"'{item}' is not key=value; e.g. :conf max_new_tokens=128 top_p=0.8")
         if key not in CONF_OPTIONS:
             known = ", ".join(CONF_OPTIONS)
-            raise UserInputError(f"unknown option '{key}'; settable options: {known}")
+            raise UsageError(f"unknown option '{key}'; settable options: {known}")
         if raw.lower() == "none":
             updates[key] = None
             continue
         try:
             updates[key] = CONF_OPTIONS[key][0](raw)
         except ValueError as exc:
-            raise UserInputError(f"bad value for {key}: '{raw}' ({exc})") from None
+            raise UsageError(f"bad value for {key}: '{raw}' ({exc})") from None
     return updates
 
 
@@ -127,7 +124,7 @@ def apply_conf(config: GenerationConfig, updates: dict[str, Any]) -> GenerationC
     for key, value in updates.items():
         _, check, wanted = CONF_OPTIONS.get(key, (None, None, ""))
         if value is not None and check is not None and not check(value):
-            raise UserInputError(f"bad value for {key}: {value!r} (must be {wanted})")
+            raise UsageError(f"bad value for {key}: {value!r} (must be {wanted})")
     new = copy.deepcopy(config)
     for key, value in updates.items():
         setattr(new, key, value)
@@ -138,7 +135,7 @@ def apply_conf(config: GenerationConfig, updates: dict[str, Any]) -> GenerationC
     try:
         new.validate()  # not strict: sampling knobs left set under greedy decoding are harmless
     except (ValueError, TypeError) as exc:
-        raise UserInputError(f"invalid generation config: {' '.join(str(exc).split())}") from None
+        raise UsageError(f"invalid generation config: {' '.join(str(exc).split())}") from None
     return new
 
 
@@ -157,7 +154,7 @@ class ChatSession:
         self.initial_config = copy.deepcopy(self.config)
 
     def check_length(self, query: str) -> None:
-        """UserInputError when `query` alone is more tokens than a prompt may hold (max_window_size), so it could
+        """UsageError when `query` alone is more tokens than a prompt may hold (max_window_size), so it could
         never be answered whole; the cheap lower bound is checked first, so a pasted 2 MB line is refused at once."""
         if self.tokenizer is None:
             return
@@ -167,7 +164,7 @@ class ChatSession:
         tokens = len(encode_plain(self.tokenizer, query)) if exact else bound
         if tokens > window:
             at_least = "" if exact else "at least "
-            raise UserInputError(f"this message is {at_least}{tokens:,} tokens, more than the {window:,} a prompt may "
+            raise UsageError(f"this message is {at_least}{tokens:,} tokens, more than the {window:,} a prompt may "
                                  "hold (max_window_size); send a shorter one")
 
     def stream(self, query: str) -> Iterator[str]:
@@ -192,21 +189,21 @@ class ChatSession:
         try:
             Path(path).expanduser().write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
         except OSError as exc:
-            raise UserInputError(f"cannot write {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
     def load(self, path: str) -> None:
         try:
             data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
         except OSError as exc:
-            raise UserInputError(f"cannot read {path}: {exc.strerror}") from None
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise UserInputError(f"{path} is not a JSON conversation saved with :save") from None
+            raise UsageError(f"{path} is not a JSON conversation saved with :save") from None
         turns = data.get("history") if isinstance(data, dict) else None
         valid = isinstance(turns, list) and all(
             isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in turns
         )
         if not valid or not isinstance(data.get("system", ""), str):
-            raise UserInputError(f"{path} is not a JSON conversation saved with :save")
+            raise UsageError(f"{path} is not a JSON conversation saved with :save")
         self.history = [(q, a) for q, a in turns]
         self.system = data.get("system", self.system)
 
@@ -273,13 +270,13 @@ class Repl:
                 return 0
             try:
                 getattr(self, f"cmd_{command}")(arg.strip())
-            except UserInputError as exc:
+            except UsageError as exc:
                 self.say(f"Error: {exc}")
 
     def answer(self, query: str) -> None:
         try:
             self.session.check_length(query)
-        except UserInputError as exc:
+        except UsageError as exc:
             self.say(f"Error: {exc}")
             return
         self.say("\nQwen> ", end="")
@@ -331,12 +328,12 @@ class Repl:
 
     def cmd_save(self, arg: str) -> None:
         if not arg:
-            raise UserInputError("say where to save, e.g. :save chat.json")
+            raise UsageError("say where to save, e.g. :save chat.json")
         self.session.save(arg)
         self.say(f"Saved {len(self.session.history)} turns to {arg}.")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
-            raise UserInputError("say which file to load, e.g. :load chat.json")
+            raise UsageError("say which file to load, e.g. :load chat.json")
         self.session.load(arg)
         self.say(f"Loaded {len(self.session.history)} turns from {arg}.")

@@ -25,4 +25,18 @@ class NotAChatModelError(UsageError, ValueError):
     """A chat feature asked of a base model (generation_config.chat_format is not "chatml")."""
 
 
-__all__ = ["CheckpointError", "DataError", "NotAChatModelError", "UsageError", "UserError"]
+# Not a person's mistake: the model failed while answering. The servers answer 500 / 503 and go on.
+
+
+class GenerationError(RuntimeError):
+    """The engine failed a request (e.g. out of memory); other requests go on."""
+
+
+class ServerShutdownError(GenerationError):
+    """The server stopped the request because it is shutting down (its grace period ran out)."""
+
+
+__all__ = [
+    "CheckpointError", "DataError", "GenerationError", "NotAChatModelError", "ServerShutdownError", "UsageError",
+    "UserError",
+]

@@ -139,8 +139,9 @@ def check_port_free(host: str, number: int) -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter out of a person's terminal. Call first thing in main(), before heavy imports (some
-    libraries log while being imported, e.g. bitsandbytes on CPUs without its optional kernels).
+    """Keep library chatter out of a person's terminal; call first thing in main(). (Libraries that log while
+    being imported, e.g. bitsandbytes on CPUs without its optional kernels, are quieted by qwen._import_noise,
+    which `import qwen` runs first.)
 
     transformers' own logging shows errors only and no "Loading weights" bar (the loader prints one line when
     done; download bars stay); Python warnings (FutureWarning, ...) go to the `py.warnings` logger; any library

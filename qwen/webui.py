@@ -26,8 +26,9 @@ import gradio as gr
 
 from qwen_generation_utils import DEFAULT_SYSTEM
 
-from .chat_backend import ChatBackend, GenerationError
+from .chat_backend import ChatBackend
 from .engine import PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
+from .errors import GenerationError
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
@@ -202,12 +203,12 @@ def serve_page(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 8080, sh
                inbrowser: bool = False, auth: str | None = None, concurrency: int = 16) -> int:
     """Serve `demo` (from create_page) until Ctrl-C; the exit status (1: the port could not be used)."""
     engine = demo.web_chat.engine
-    engine.start()
     # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     hint = "" if share else "  (--share with --auth adds a public gradio.live link)"
-    print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
     try:
+        engine.start()
+        print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
         launch_page(demo, server_name=host, server_port=port, share=share, inbrowser=inbrowser,
                     auth=tuple(auth.split(":", 1)) if auth else None, max_queue=max(64, concurrency))
     except OSError as exc:  # e.g. the port is taken

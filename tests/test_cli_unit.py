@@ -6,14 +6,15 @@ import json
 import pytest
 from transformers import GenerationConfig
 
-from qwen.cli import ChatSession, Repl, UserInputError, apply_conf, parse_conf_items
+from qwen.cli import ChatSession, Repl, apply_conf, parse_conf_items
+from qwen.errors import UsageError
 
 
 def test_conf_values_are_parsed_by_type_never_evaluated():
     updates = parse_conf_items(["max_new_tokens=5", "top_p=0.5", "do_sample=false", 'stop_strings=["END"]'])
     assert updates == {"max_new_tokens": 5, "top_p": 0.5, "do_sample": False, "stop_strings": ["END"]}
     assert type(updates["max_new_tokens"]) is int and type(updates["top_p"]) is float
-    with pytest.raises(UserInputError, match="bad value for max_new_tokens"):
+    with pytest.raises(UsageError, match="bad value for max_new_tokens"):
         parse_conf_items(["max_new_tokens=__import__('os').system('true')"])
 
 
@@ -22,7 +23,7 @@ def test_conf_values_are_parsed_by_type_never_evaluated():
     [("bogus=1", "unknown option 'bogus'"), ("top_p", "is not key=value"), ("top_k=abc", "bad value for top_k")],
 )
 def test_conf_mistakes_name_the_problem(item, message):
-    with pytest.raises(UserInputError, match=message):
+    with pytest.raises(UsageError, match=message):
         parse_conf_items([item])
 
 
@@ -31,9 +32,9 @@ def test_apply_conf_validates_and_keeps_the_original():
     new = apply_conf(base, {"max_new_tokens": 5, "temperature": 0})
     assert new.max_new_tokens == 5 and new.do_sample is False
     assert base.max_new_tokens == 512 and base.do_sample is True
-    with pytest.raises(UserInputError, match="bad value for max_new_tokens"):
+    with pytest.raises(UsageError, match="bad value for max_new_tokens"):
         apply_conf(base, {"max_new_tokens": -3})
-    with pytest.raises(UserInputError, match="invalid generation config"):  # GenerationConfig's own checks
+    with pytest.raises(UsageError, match="invalid generation config"):  # GenerationConfig's own checks
         apply_conf(base, {"early_stopping": "bogus"})
 
 

@@ -34,7 +34,6 @@ from conftest import (
 )
 
 from qwen import protocol as api
-from qwen.chat_backend import StopStrings
 from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
@@ -118,14 +117,6 @@ def test_stop_strings_trimmed_stream_and_not(scripted, stop, expected):
     assert response.choices[0].message.content == expected and response.choices[0].finish_reason == "stop"
     content, finish, _ = collect_stream(chat(scripted, stop=stop, stream=True))
     assert content == {0: expected} and finish == {0: "stop"}
-
-
-def test_stop_strings_held_back_across_chunks():
-    cutter = StopStrings(["o, thr"])
-    pieces = [cutter.push(t) for t in ["one, t", "w", "o", ",", " th", "ree"]]
-    assert "".join(pieces) == "one, tw" and cutter.stopped
-    assert pieces == ["one, t", "w", "", "", "", ""]  # "o", "o,", "o, th" held back: they may start the stop
-    assert StopStrings(["xyz"]).push("abc x") == "abc "
 
 
 def test_max_tokens_gives_length(scripted, tokenizer):

@@ -1,13 +1,14 @@
 """The web page's chat logic (qwen.webui.WebChat) driven directly, with a scripted engine and the demo tokenizer."""
 
 import asyncio
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 from transformers import GenerationConfig
 
 from qwen.chat_backend import ChatBackend
@@ -213,3 +214,20 @@ def test_bad_flags_exit_2_with_one_message(flags, message):
                           timeout=60)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_right_after_the_page_starts_exits_quietly():
+    """Ctrl-C while gradio is still starting stops the page like a later one: status 0, no traceback."""
+    process = subprocess.Popen([sys.executable, "web_demo.py", "--server-port", str(free_port())], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Chat page on"):
+                assert "--share with --auth" in line  # never a hint to share a page without a login
+                process.send_signal(signal.SIGINT)
+                break
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in output, output

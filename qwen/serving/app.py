@@ -24,8 +24,9 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import protocol as api
-from ..chat_backend import ChatBackend, GenerationError, chat_engine
+from ..chat_backend import ChatBackend, chat_engine
 from ..engine import Engine
+from ..errors import GenerationError
 from .auth import check_secrets, describe_auth, make_auth_check
 from .chat import ChatCompletions
 from .completions import TextCompletions

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from .. import protocol as api
-from ..chat_backend import GenerationError, ServerShutdownError
+from ..errors import GenerationError, ServerShutdownError
 
 logger = logging.getLogger("qwen.serving")
 
