@@ -224,14 +224,10 @@ class OpenAIServer(ChatBackend):
                                 top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams of choice number `choice`: request fields, else the checkpoint's generation_config."""
         try:
-            return self.sampling_params(**{
-                **request.sampling_request(),
-                "max_new_tokens": max_new_tokens,
-                "seed": choice_seed(request.seed, choice),
-                "stop_token_ids": stop_token_ids,
-                "logprobs": logprobs,
-                "top_logprobs": top_logprobs,
-            })  # fmt: skip
+            return request.to_sampling_params(
+                self.generation_config, max_new_tokens=max_new_tokens, seed=choice_seed(request.seed, choice),
+                stop_token_ids=stop_token_ids, logprobs=logprobs, top_logprobs=top_logprobs,
+            )
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 

@@ -217,7 +217,7 @@ def test_context_limit(model):
 
 
 def test_bad_requests_are_named(model):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\] \(0 means greedy\)"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)

@@ -78,14 +78,14 @@ def tokenizer():
 def test_api_a_request_whose_generation_fails_does_not_break_its_neighbour(tokenizer, monkeypatch):
     """A device failure (simulated: there is no GPU here) in one request's sampling: that request gets a 500
     that does not show the internal error, the stream beside it goes on to its end."""
-    sample = engine_module._sample
+    sample = engine_module.sample
 
-    def failing_sample(logits, seq):
-        if seq.params.seed == 666:
+    def failing_sample(logits, params, states):
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("CUDA error: device-side assert triggered at /secret/path/kernel.cu")
-        return sample(logits, seq)
+        return sample(logits, params, states)
 
-    monkeypatch.setattr(engine_module, "_sample", failing_sample)
+    monkeypatch.setattr(engine_module, "sample", failing_sample)
     model = ScriptedLM(tokenizer, delay=0.01)
     with ServerThread(create_app(model, tokenizer, model_names=["s"], max_context=1024)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
