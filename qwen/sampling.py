@@ -116,7 +116,7 @@ def resolve(requested: Mapping[str, Any], checkpoint=None) -> SamplingParams:
         value = from_checkpoint(name) if value is None else value
         if value is not None:
             values[name] = value
-    if values.get("temperature", 1.0) < GREEDY_BELOW:
+    if 0 <= values.get("temperature", 1.0) < GREEDY_BELOW:  # a negative one is left for the bounds check
         values["temperature"] = 0.0
     return SamplingParams(**values)
 

@@ -205,6 +205,17 @@ def test_stop_token_ends_with_stop(model):
     assert (finish.reason, finish.completion_tokens) == ("stop", cut + 1)
 
 
+def test_ignore_eos_generates_past_the_stop_tokens_to_max_new_tokens(model):
+    expected = reference(model, PROMPTS[3], 10)
+    engine = Engine(model)
+    handle = engine.submit(PROMPTS[3], greedy(10, stop_token_ids=[expected[4]], ignore_eos=True))
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    tokens, finish = handle.result()
+    assert tokens == expected  # the stop token is emitted like any other
+    assert (finish.reason, finish.completion_tokens) == ("length", 10)
+
+
 def test_context_limit(model):
     engine = Engine(model, max_context=10)
     with pytest.raises(PromptTooLongError, match="context window is 10"):
