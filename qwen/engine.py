@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compat import cache_kwargs
-from .sampling import SamplerState, SamplingParams, sample
+from .sampling import INVALID, SamplerState, SamplingParams, sample
 from .slot_cache import SlotCache, store_for
 
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
@@ -512,6 +512,9 @@ class Engine:
 
     def _emit_token(self, seq: _Sequence, token: int, row_logprobs: torch.Tensor | None) -> None:
         p = seq.params
+        if token == INVALID:
+            self._fail([seq], FloatingPointError("the sampling distribution is nan / inf (penalties overflowed?)"))
+            return
         seq.generated.append(token)
         seq.sampler.record(token)
         if token in p.stop_token_ids and not p.ignore_eos:

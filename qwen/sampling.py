@@ -22,6 +22,7 @@ from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
+INVALID = -1  # what `sample` gives a row whose probabilities are not finite (nan / inf)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], states: Seque
 
     Greedy rows take the argmax. Sampled rows: penalties, temperature, top-k, top-p, then a draw that needs no
     multinomial: argmax(probs / E) with E ~ Exponential(1) from the row's own generator picks token t with
-    probability probs[t] (gpt-fast's multinomial_sample_one_no_sync), so nothing is read back per row.
+    probability probs[t] (gpt-fast's multinomial_sample_one_no_sync), so nothing is read back per row. A sampled
+    row whose probabilities are nan / inf gets INVALID (the caller fails that request only).
     """
     n, vocab = logits.shape
     device = logits.device
@@ -190,9 +192,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], states: Seque
     probs = rows.softmax(-1)
     noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=states[i].generator)
                          for i in drawn])  # fmt: skip
+    picked = (probs / noise).argmax(-1)
+    # a row whose distribution is not finite (e.g. penalties overflowed to inf, softmax gave nan) gets INVALID
+    picked = torch.where(probs.isfinite().all(-1), picked, torch.full_like(picked, INVALID))
     tokens = tokens.clone()
-    tokens[torch.tensor(drawn, device=device)] = (probs / noise).argmax(-1)
+    tokens[torch.tensor(drawn, device=device)] = picked
     return tokens
 
 
-__all__ = ["BOUNDS", "Bound", "SamplerState", "SamplingParams", "check", "resolve", "sample"]
+__all__ = ["BOUNDS", "INVALID", "Bound", "SamplerState", "SamplingParams", "check", "resolve", "sample"]

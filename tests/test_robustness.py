@@ -12,8 +12,13 @@ from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 
-# divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
-OVERFLOWING_PENALTY = dict(temperature=1.0, repetition_penalty=1e-45)
+
+def overflowing(max_new_tokens: int) -> SamplingParams:
+    """Divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
+    (set past the bounds check, which refuses it: what a defect further down would produce)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
+    params.repetition_penalty = 1e-45
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def model():
 def test_a_sampling_failure_fails_only_its_own_request(model):
     engine = Engine(model, max_batch_size=4)
     good = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0))
-    bad = engine.submit(list(range(64)), SamplingParams(max_new_tokens=4, **OVERFLOWING_PENALTY))
+    bad = engine.submit(list(range(64)), overflowing(4))
     for _ in range(6):
         engine.step()
     tokens, finish = good.result()
