@@ -307,8 +307,9 @@ def plot(path: str, names: list[str], speeds: list[dict[int, float]]) -> None:
     print(f"plot: {path}")
 
 
-def start_vllm_peer(stack: contextlib.ExitStack, args) -> tuple[str, int]:
-    """Export the checkpoint for vLLM, start it with the binding asked for, print what it reports: (URL, pid)."""
+def start_vllm_peers(stack: contextlib.ExitStack, args) -> list[tuple[str, str, int]]:
+    """Export the checkpoint for vLLM, start one vLLM per --vllm-binding, print the binding each reports:
+    [(name, URL, pid)]."""
     if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
         sys.exit(f"Error: `import vllm` fails with {args.peer_vllm}: give the python of an environment with vLLM "
                  "(see bench/README.md).")
@@ -318,13 +319,20 @@ def start_vllm_peer(stack: contextlib.ExitStack, args) -> tuple[str, int]:
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-bench-vllm-")))
     source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
     export = export_qwen2(source, tmp / "qwen2")
-    started = time.perf_counter()
-    url, pid = stack.enter_context(running_vllm(args.peer_vllm, export, args.vllm_binding, tmp / "vllm.log"))
-    threads = {k: v for k, v in vllm_environment(args.vllm_binding).items() if "THREADS" in k or "RESERVED" in k}
-    told = " ".join(f"{k}={v}" for k, v in threads.items())
-    print(f"vLLM ready in {time.perf_counter() - started:.0f} s; started with {told or 'its default binding'}; "
-          f"its log says: {vllm_binding(tmp / 'vllm.log')}", flush=True)
-    return url, pid
+    peers = []
+    for binding in args.vllm_binding:
+        started, log = time.perf_counter(), tmp / f"vllm-{binding}.log"
+        url, pid = stack.enter_context(running_vllm(args.peer_vllm, export, binding, log))
+        threads = {k: v for k, v in vllm_environment(binding).items() if "THREADS" in k or "RESERVED" in k}
+        told = " ".join(f"{k}={v}" for k, v in threads.items())
+        print(f"vLLM-{binding} ready in {time.perf_counter() - started:.0f} s; started with "
+              f"{told or 'its default binding'}; its log says: {vllm_binding(log)}", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGSTOP)  # no idle polling while the next one starts (resumed when measured)
+        peers.append((f"vLLM-{binding}", url, pid))
+    for _, _, pid in peers:
+        os.killpg(pid, signal.SIGCONT)
+    return peers
 
 
 def main() -> int:
@@ -343,9 +351,9 @@ def main() -> int:
     parser.add_argument("--peer-vllm", default=None, metavar="PYTHON",
                         help="start vLLM (installed in the environment of this python) as the peer, on the to-qwen2 "
                              "export of the checkpoint")
-    parser.add_argument("--vllm-binding", choices=["all", "auto"], default="all",
+    parser.add_argument("--vllm-binding", choices=["all", "auto"], nargs="+", default=["all"],
                         help="all: vLLM's OpenMP threads bound to every CPU, none reserved (default); auto: vLLM's "
-                             "own choice (it reserves a CPU for its front end)")
+                             "own choice (it reserves a CPU for its front end); both: one vLLM of each, same run")
     parser.add_argument("--workload", choices=["single", "multiturn"], default="single",
                         help="single: one question per client; multiturn: each client a chat of --turns turns")
     parser.add_argument("--turns", type=int, default=6, help="turns per chat of --workload multiturn")
@@ -359,14 +367,15 @@ def main() -> int:
             ours, pid = args.url, None
         else:
             ours, pid = stack.enter_context(running_server(args.checkpoint_path, args.threads, args.server_arg))
+        peers = [(args.peer_name, args.peer, args.peer_pid)] if args.peer else []
         if args.peer_vllm:
-            args.peer, args.peer_pid, args.peer_name = *start_vllm_peer(stack, args), "vLLM"
-        servers = {"ours": ours} | ({args.peer_name: args.peer} if args.peer else {})
+            peers += start_vllm_peers(stack, args)
+        servers = {"ours": ours} | {name: url for name, url, _ in peers}
         models = {name: asyncio.run(served_model(url)) for name, url in servers.items()}
         for name, url in servers.items():  # warm-up
             asyncio.run(run_round(url, models[name], 1, 4, 0))
         rounds = {name: {1: [], args.clients: []} for name in servers}
-        pids = {"ours": pid, args.peer_name: args.peer_pid} if args.peer and not args.no_pause else {}
+        pids = {"ours": pid} | {name: peer_pid for name, _, peer_pid in peers} if peers and not args.no_pause else {}
         pausing = bool(pids) and None not in pids.values()
         for r in range(args.rounds):  # interleaved, so a change in machine load hits every case alike
             for clients in (1, args.clients):
@@ -382,18 +391,17 @@ def main() -> int:
         workload = f"{args.turns}-turn chats resending the history, " if args.workload == "multiturn" else ""
         print(f"{workload}{args.max_tokens} tokens per request, greedy, {args.rounds} interleaved rounds"
               + (", the other server paused (SIGSTOP) while one is measured" if pausing else ""))
-        memory = {"ours": peak_memory(pid) if pid else None, args.peer_name: None}
-        if args.peer_pid:
-            memory[args.peer_name] = peak_memory(args.peer_pid)
+        memory = {"ours": peak_memory(pid) if pid else None}
+        memory |= {name: peak_memory(peer_pid) if peer_pid else None for name, _, peer_pid in peers}
         speeds = {name: summarize(name, rounds[name], memory[name]) for name in servers}
-        if args.peer:
+        for name, _, _ in peers:
             for clients in (1, args.clients):
-                ratios = [a[0] / b[0] for a, b in zip(rounds["ours"][clients], rounds[args.peer_name][clients],
-                                                       strict=True)]
-                print(f"ours / {args.peer_name}, {clients} client(s): {statistics.median(ratios):.2f}x (per round "
-                      f"{min(ratios):.2f}-{max(ratios):.2f})")
-            if memory["ours"] and memory[args.peer_name]:
-                print(f"peak memory ours / {args.peer_name}: {memory['ours'] / memory[args.peer_name]:.2f}")
+                ratios = [a[0] / b[0] for a, b in zip(rounds["ours"][clients], rounds[name][clients], strict=True)]
+                ttft = [percentile([t for _, ts, _ in rounds[server][clients] for t in ts], 50) for server in ("ours", name)]
+                print(f"ours / {name}, {clients} client(s): {statistics.median(ratios):.2f}x (per round "
+                      f"{min(ratios):.2f}-{max(ratios):.2f}); TTFT p50 ours / {name}: {ttft[0] / ttft[1]:.2f}")
+            if memory["ours"] and memory[name]:
+                print(f"peak memory ours / {name}: {memory['ours'] / memory[name]:.2f}")
         if args.plot:
             plot(args.plot, list(speeds), list(speeds.values()))
     return 0

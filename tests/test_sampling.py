@@ -131,3 +131,14 @@ def test_penalties_change_only_the_rows_that_ask_for_them():
     seen.observe(penalized, 3, "cpu")
     tokens = sample(logits, [penalized, SamplingParams(temperature=0)], [seen, state(0)])
     assert tokens.tolist() == [1, 0]  # 2.0 / 1.5 < 1.9
+
+
+def test_the_request_reaches_sampling_params_through_to_sampling_params():
+    request = api.ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "ignore_eos": True})
+    checkpoint = GenerationConfig(do_sample=True, top_p=0.8, temperature=0.9)
+    params = request.to_sampling_params(checkpoint, max_new_tokens=5, stop_token_ids=[7])
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.5, 0.8, 5)  # request, checkpoint, given
+    assert params.ignore_eos and params.stop_token_ids == (7,)
+    assert not api.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]).to_sampling_params(
+        checkpoint, max_new_tokens=5).ignore_eos  # fmt: skip
