@@ -30,7 +30,7 @@ import torch
 
 from .compat import cache_kwargs
 from .sampling import INVALID, SamplerState, SamplingParams, sample
-from .slot_cache import SlotCache, store_for
+from .slot_cache import SPARE, SlotCache, store_for
 
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
 # tokens, and the running requests get their next token between two chunks. On a CPU a step of 128 prompt tokens
@@ -203,12 +203,15 @@ class Engine:
         self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
         prefill_chunk: int | None = None,
         decodable_tokens: int | None = None, idle_release_s: float = DEFAULT_IDLE_RELEASE_S,
-        threads: int | None = None,
+        threads: int | None = None, prefix_cache: bool = True,
     ):
         """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
         more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
         rows past the tokenizer are padding that nothing can decode, so they are masked out.
-        threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set)."""
+        threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set).
+        prefix_cache: a free slot keeps the KV of the tokens its last request had in the cache, and a new request
+        whose prompt starts with them takes that slot and computes only the rest (a chat resending its history);
+        it costs no memory beyond the slots, and the least recently used slot is the one overwritten first."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
@@ -240,6 +243,12 @@ class Engine:
         # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
         self._slots: list[_Sequence | None] = [None] * max_batch_size
+        self.prefix_cache = prefix_cache
+        # for each free slot: the tokens whose KV it still holds in columns 0.. (prefix cache), and when it was freed
+        self._kept: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._freed_at = [0] * max_batch_size
+        self._frees = 0
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed (a statistic)
         store = store_for(getattr(model, "config", None))  # int8 when the config asks for a quantized cache
         self._cache = SlotCache(max_batch_size, store=store, max_columns=max_context)
 
@@ -345,7 +354,7 @@ class Engine:
                     holding = bool(self._cache.layers)  # storage exists once a layer was written
                     if not self._work.wait_for(lambda: self._stopping or self._waiting or self._rows,
                                                self.idle_release_s if holding else None):
-                        self._cache.release()  # idle for a while: give the memory back
+                        self._release_cache()  # idle for a while: give the memory back
                         continue
                     stopping = self._stopping
                 if stopping:
@@ -374,8 +383,10 @@ class Engine:
             free = self.max_batch_size - len(self._rows)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         for seq in admitted:
-            seq.slot = self._slots.index(None)
+            seq.slot, seq.cached = self._place(seq.prompt)
             self._slots[seq.slot] = seq
+            self._kept[seq.slot] = []
+            self.reused_tokens += seq.cached
         self._rows = self._rows + admitted
         # prefill first: a request whose prompt is then complete gets its first token now, and its second in the
         # decode below, as in a whole-prompt prefill
@@ -391,6 +402,34 @@ class Engine:
                 self._decode(decoding)
             except Exception as exc:  # fail what took part; the slots of the others hold what they held
                 self._fail(decoding, exc)
+
+    def _place(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, tokens already in it) for a new request: the free slot that holds the longest prefix of `prompt`
+        (at most all but its last token: the last one's logits are needed), else the lowest free slot that keeps
+        nothing (up to max_batch_size slots of storage), else the one freed longest ago (LRU)."""
+        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        best, reuse = None, 0
+        if self.prefix_cache:
+            for slot in free:
+                kept = self._kept[slot]
+                common = next((i for i, (a, b) in enumerate(zip(kept, prompt[:-1], strict=False)) if a != b),
+                              min(len(kept), len(prompt) - 1))  # fmt: skip
+                if common > reuse and self._prefix_is_current(common, len(kept), len(prompt)):
+                    best, reuse = slot, common
+        if best is None:
+            empty = [slot for slot in free if not self._kept[slot]]
+            best = empty[0] if empty else min(free, key=lambda slot: self._freed_at[slot])
+        return best, reuse
+
+    def _prefix_is_current(self, common: int, kept: int, total: int) -> bool:
+        """Whether the KV of a kept prefix is what a fresh prefill would compute: under dynamic NTK the slot's keys
+        were rotated with the alpha of its cached length, which must be the new request's alpha too."""
+        check = self._recompute_check
+        return check is None or not (check(common, kept) or check(common, total))
+
+    def _release_cache(self) -> None:
+        self._cache.release()
+        self._kept = [[] for _ in range(self.max_batch_size)]
 
     def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
         for seq in seqs:
@@ -464,8 +503,9 @@ class Engine:
                 positions.append([seq.cached])
             else:  # a free slot, or a row being prefilled: its next chunk overwrites this column
                 busy = self._slots[slot]
+                column = busy.cached if busy is not None else SPARE  # a free slot's kept prefix stays intact
                 input_ids.append([0])
-                columns.append([busy.cached if busy is not None else 0])
+                columns.append([column])
                 positions.append([0])
         logits = self._forward(rows, input_ids, columns, positions, columns)
         for seq in seqs:
@@ -549,6 +589,9 @@ class Engine:
         for seq in self._rows:
             if id(seq) not in kept:
                 self._slots[seq.slot] = None
+                self._kept[seq.slot] = seq.tokens(0, seq.cached) if self.prefix_cache else []
+                self._frees += 1
+                self._freed_at[seq.slot] = self._frees
         self._rows = rows  # the cache keeps its memory: the engine thread releases it after idle_release_s
 
     def _cancel_rows(self) -> None:
@@ -559,7 +602,7 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._rows, self._slots = [], [None] * self.max_batch_size
-        self._cache.release()
+        self._release_cache()
 
 
 __all__ = [

@@ -304,7 +304,7 @@ def test_async_streams_leave_the_event_loop_free(model):
 
 def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(model):
     """A burst after a short pause reuses the KV cache (no new allocation); a long pause frees it."""
-    with Engine(model, idle_release_s=1.0) as engine:
+    with Engine(model, idle_release_s=1.0, max_batch_size=1) as engine:  # one slot: the second request takes it
         engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
         storage = [t.data_ptr() for layer in engine._cache.layers for t in layer.tensors]
         assert engine._cache.nbytes() > 0  # finished, and still held
