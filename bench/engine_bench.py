@@ -108,12 +108,55 @@ def context_growth(model, contexts: list[int], steps: int, repeats: int) -> None
         print(f"engine / DynamicCache speed at {c}: {best['DynamicCache', c] / best['engine', c]:.2f}x")
 
 
+def profile_decode(model, streams: int, steps: int, prompt_tokens: int) -> None:
+    """Where one decode step's time goes at `streams` rows: torch.profiler's CPU op totals over `steps` engine
+    steps, grouped as matrix products (the weights), attention, other ops, and Python/framework time (the step's
+    wall time no op accounts for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(2)
+    engine = Engine(model, max_batch_size=streams)
+    for _ in range(streams):
+        prompt = [rng.randrange(model.config.vocab_size) for _ in range(prompt_tokens)]
+        engine.submit(prompt, SamplingParams(max_new_tokens=steps + 8, temperature=0))
+    with torch.inference_mode():
+        while not all(s.decoding for s in engine._rows) or len(engine._rows) < streams:
+            engine.step()
+        for _ in range(3):  # warm
+            engine.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            wall = (time.perf_counter() - start) / steps * 1e3
+    groups = {"matrix products (weights)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul",
+                                            "mkldnn", "onednn", "aten::bmm"),
+              "attention": ("scaled_dot_product", "aten::_softmax", "attention"),
+              "sampling": ("argmax", "topk", "softmax", "sort", "exponential")}  # fmt: skip
+    totals = dict.fromkeys(groups, 0.0) | {"other ops": 0.0}
+    # top-level ops only (no double counting of children): events without a parent op
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        name = event.name
+        group = next((g for g, keys in groups.items() if any(k in name.lower() for k in keys)), "other ops")
+        totals[group] += event.cpu_time_total / 1e3 / steps
+    ops = sum(totals.values())
+    totals["Python / framework (no op)"] = max(wall - ops, 0.0)
+    print(f"decode step at {streams} row(s): {wall:.1f} ms ({steps} steps profiled, {torch.get_num_threads()} threads)")
+    for group, ms in totals.items():
+        print(f"  {group:28} {ms:6.1f} ms  {ms / wall:4.0%}")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", choices=["llama", *QWEN_SHAPES], default="llama")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU suite)")
+    parser.add_argument("--checkpoint", default=None, help="a real checkpoint instead of --arch ('demo': the demo model)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile --new-tokens decode steps at 1 and --streams rows instead (where the time goes)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -126,7 +169,15 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.arch, args.device, getattr(torch, args.dtype))
+    if args.checkpoint:
+        from qwen.demo import demo_checkpoint
+        from qwen.loading import load_model_and_tokenizer
+
+        path = str(demo_checkpoint()) if args.checkpoint == "demo" else args.checkpoint
+        model = load_model_and_tokenizer(path, device=args.device, dtype=args.dtype)[0].eval()
+        args.arch = path
+    else:
+        model = build_model(args.arch, args.device, getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in model.parameters())  # before packing: packed weights are not parameters
     if args.weight_layout == "packed":
         pack_linear_weights(model)
@@ -136,6 +187,11 @@ def main():
 
     model.generation_config.eos_token_id = None
     n, streams = args.new_tokens, args.streams
+    if args.profile:
+        print(f"{args.arch}, {n_params / 1e6:.0f}M params, {args.weight_layout} linear weights, {args.dtype}")
+        for rows in (1, streams):
+            profile_decode(model, rows, n, args.prompt_tokens)
+        return
     if args.contexts:
         contexts = [int(c) for c in args.contexts.split(",")]
         if args.arch != "llama":  # stay below seq_length: dynamic NTK would recompute the cache on the way
