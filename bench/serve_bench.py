@@ -103,7 +103,12 @@ def vllm_binding(log: Path) -> str:
     lines = log.read_text(errors="replace").splitlines()
     for i, line in enumerate(lines):
         if "OpenMP thread binding info" in line:
-            found = [part.strip() for part in lines[i + 1 : i + 6] if "=" in part and "INFO" not in part]
+            found = []
+            for part in lines[i + 1 : i + 8]:  # tab-indented lines, each with the same log prefix (or none)
+                text = part.split("] ", 1)[1] if part.startswith("(") or "] " in part[:120] else part
+                if not text.startswith("\t") or "=" not in text:
+                    break
+                found.append(text.strip())
             return "; ".join(found) or "(binding not reported)"
     return "(no binding info in the log)"
 

@@ -106,10 +106,11 @@ def test_vllm_peer_gets_every_cpu_and_its_reported_binding_is_read_back(tmp_path
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cpus)) and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment("auto")  # vLLM's own choice
     log = tmp_path / "vllm.log"  # the lines vLLM 0.32's CPU worker logs (vllm/utils/ompmultiprocessing.py)
-    log.write_text("(EngineCore pid=1) INFO 12-04 22:00:00 [ompmultiprocessing.py:185] OpenMP thread binding info: \n"
-                   "\tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False\n"
-                   "\tlocal_world_size=1, reserve_cpu_num=1\n\tlocal_rank=0, core ids=[1]\n\treserved_cpus=[0]\n"
-                   "(EngineCore pid=1) INFO 12-04 22:00:01 [core.py:1] next\n")  # fmt: skip
+    prefix = "(EngineCore pid=1) INFO 12-04 22:00:00 [ompmultiprocessing.py:185] "
+    log.write_text("".join(prefix + line + "\n" for line in [
+        "OpenMP thread binding info: ", "\tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False",
+        "\tlocal_world_size=1, reserve_cpu_num=1", "\tlocal_rank=0, core ids=[1]", "\treserved_cpus=[0]"])
+        + "(EngineCore pid=1) INFO 12-04 22:00:01 [core.py:1] next\n")  # fmt: skip
     assert vllm_binding(log) == ("VLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False; "
                                  "local_world_size=1, reserve_cpu_num=1; local_rank=0, core ids=[1]; reserved_cpus=[0]")
 
