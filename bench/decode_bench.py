@@ -8,6 +8,9 @@ runs as the scripts run it: on the CPU with its linear weights packed for oneDNN
 
     python -m bench.decode_bench                       # ~190M params, fp32 on CPU (bf16 on CUDA)
     python -m bench.decode_bench --device cuda --dtype bfloat16 --new-tokens 256
+
+It also prints the memory-bandwidth bound of batch-1 decoding: the bytes of weights a step reads, over the read
+rate of one large torch.mv on the same device, threads and dtype, and how close each model comes to it.
 """
 
 import argparse
@@ -41,6 +44,24 @@ def parse_args():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args()
+
+
+def read_bandwidth(device: str, dtype: torch.dtype, megabytes: int = 256, runs: int = 5) -> float:
+    """Bytes/s one matrix-vector product reads (the work of a batch-1 decode step), median of `runs`."""
+    columns = 4096
+    rows = megabytes * 2**20 // (columns * torch.finfo(dtype).bits // 8)
+    matrix = torch.randn(rows, columns, device=device, dtype=dtype)
+    vector = torch.randn(columns, device=device, dtype=dtype)
+    times = []
+    for _ in range(runs + 1):  # the first touches the pages
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return matrix.numel() * matrix.element_size() / statistics.median(times[1:])
 
 
 def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -86,6 +107,8 @@ def main():
     for model in (ours, peer):
         model.generation_config.eos_token_id = None  # decode exactly --new-tokens
     params = sum(p.numel() for p in ours.parameters()) / 1e6  # before packing: packed weights are not parameters
+    # a batch-1 decode step reads every weight once except the input embedding (one row of it)
+    step_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "wte" not in n)
     layout = "plain"
     if args.weight_layout == "packed" and pack_linear_weights(ours):
         layout = "packed"
@@ -117,6 +140,12 @@ def main():
     for phase in ("decode", "prefill"):
         ratio = medians[phase, "QWenLMHeadModel"] / medians[phase, "Qwen2ForCausalLM"]
         print(f"{phase} ratio QWenLMHeadModel / Qwen2ForCausalLM: {ratio:.2f}x")
+    bandwidth = read_bandwidth(args.device, dtype)
+    bound = bandwidth / step_bytes
+    print(f"bandwidth bound: {step_bytes / 1e6:.0f} MB of weights read per decode step at {bandwidth / 1e9:.1f} GB/s "
+          f"(torch.mv) = {bound:.1f} tokens/s; decode reaches QWenLMHeadModel "
+          f"{medians['decode', 'QWenLMHeadModel'] / bound:.0%}, Qwen2ForCausalLM "
+          f"{medians['decode', 'Qwen2ForCausalLM'] / bound:.0%} of it")  # fmt: skip
 
 
 if __name__ == "__main__":

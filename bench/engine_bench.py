@@ -24,23 +24,28 @@ from qwen.compat import cache_kwargs
 from qwen.engine import Engine, SamplingParams
 from qwen.packed_linear import pack_linear_weights
 
+QWEN_SHAPES = {  # random QWen models: ~135M (the CPU default), and Qwen-1.8B's shape (the GPU suite)
+    "qwen": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, kv_channels=64,
+                 intermediate_size=4096, seq_length=2048),
+    "qwen-1.8b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                      kv_channels=128, intermediate_size=11008, seq_length=8192),
+}  # fmt: skip
 
-def build_model(arch: str):
+
+def build_model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    if arch == "qwen":
+    if arch in QWEN_SHAPES:
         from qwen.configuration_qwen import QWenConfig
         from qwen.modeling_qwen import QWenLMHeadModel
 
-        config = QWenConfig(
-            vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, kv_channels=64,
-            intermediate_size=4096, seq_length=2048,
-        )  # fmt: skip
-        return QWenLMHeadModel(config).eval()
+        with torch.device(device):
+            return QWenLMHeadModel(QWenConfig(**QWEN_SHAPES[arch])).to(dtype).eval()
     config = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def timed(fn) -> tuple[float, float]:
@@ -57,7 +62,8 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> Non
 
 def run_generate(model, prompt: list[int], new_tokens: int) -> None:
     with torch.inference_mode():
-        model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0)
 
 
 def engine_step_ms(model, prompt: list[int], steps: int) -> float:
@@ -102,11 +108,55 @@ def context_growth(model, contexts: list[int], steps: int, repeats: int) -> None
         print(f"engine / DynamicCache speed at {c}: {best['DynamicCache', c] / best['engine', c]:.2f}x")
 
 
+def profile_decode(model, streams: int, steps: int, prompt_tokens: int) -> None:
+    """Where one decode step's time goes at `streams` rows: torch.profiler's CPU op totals over `steps` engine
+    steps, grouped as matrix products (the weights), attention, other ops, and Python/framework time (the step's
+    wall time no op accounts for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(2)
+    engine = Engine(model, max_batch_size=streams)
+    for _ in range(streams):
+        prompt = [rng.randrange(model.config.vocab_size) for _ in range(prompt_tokens)]
+        engine.submit(prompt, SamplingParams(max_new_tokens=steps + 8, temperature=0))
+    with torch.inference_mode():
+        while not all(s.decoding for s in engine._rows) or len(engine._rows) < streams:
+            engine.step()
+        for _ in range(3):  # warm
+            engine.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            wall = (time.perf_counter() - start) / steps * 1e3
+    groups = {"matrix products (weights)": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul",
+                                            "mkldnn", "onednn", "aten::bmm"),
+              "attention": ("scaled_dot_product", "aten::_softmax", "attention"),
+              "sampling": ("argmax", "topk", "softmax", "sort", "exponential")}  # fmt: skip
+    totals = dict.fromkeys(groups, 0.0) | {"other ops": 0.0}
+    # top-level ops only (no double counting of children): events without a parent op
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        name = event.name
+        group = next((g for g, keys in groups.items() if any(k in name.lower() for k in keys)), "other ops")
+        totals[group] += event.cpu_time_total / 1e3 / steps
+    ops = sum(totals.values())
+    totals["Python / framework (no op)"] = max(wall - ops, 0.0)
+    print(f"decode step at {streams} row(s): {wall:.1f} ms ({steps} steps profiled, {torch.get_num_threads()} threads)")
+    for group, ms in totals.items():
+        print(f"  {group:28} {ms:6.1f} ms  {ms / wall:4.0%}")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", choices=["llama", "qwen"], default="llama")
+    parser.add_argument("--arch", choices=["llama", *QWEN_SHAPES], default="llama")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU suite)")
+    parser.add_argument("--checkpoint", default=None, help="a real checkpoint instead of --arch ('demo': the demo model)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile --new-tokens decode steps at 1 and --streams rows instead (where the time goes)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -119,7 +169,15 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.arch).to(getattr(torch, args.dtype))
+    if args.checkpoint:
+        from qwen.demo import demo_checkpoint
+        from qwen.loading import load_model_and_tokenizer
+
+        path = str(demo_checkpoint()) if args.checkpoint == "demo" else args.checkpoint
+        model = load_model_and_tokenizer(path, device=args.device, dtype=args.dtype)[0].eval()
+        args.arch = path
+    else:
+        model = build_model(args.arch, args.device, getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in model.parameters())  # before packing: packed weights are not parameters
     if args.weight_layout == "packed":
         pack_linear_weights(model)
@@ -129,9 +187,14 @@ def main():
 
     model.generation_config.eos_token_id = None
     n, streams = args.new_tokens, args.streams
+    if args.profile:
+        print(f"{args.arch}, {n_params / 1e6:.0f}M params, {args.weight_layout} linear weights, {args.dtype}")
+        for rows in (1, streams):
+            profile_decode(model, rows, n, args.prompt_tokens)
+        return
     if args.contexts:
         contexts = [int(c) for c in args.contexts.split(",")]
-        if args.arch == "qwen":  # stay below seq_length: dynamic NTK would recompute the cache on the way
+        if args.arch != "llama":  # stay below seq_length: dynamic NTK would recompute the cache on the way
             model.config.seq_length = max(model.config.seq_length, max(contexts) + 2 * n)  # the engine asks n + 2
         print(f"random {args.arch}, {args.weight_layout} linear weights, {args.threads} torch threads, {args.dtype}")
         context_growth(model, contexts, n, args.repeats)
@@ -150,7 +213,7 @@ def main():
     engine.shutdown()
 
     print(
-        f"random {args.arch}, {n_params / 1e6:.0f}M params ({args.weight_layout} linear weights), "
+        f"random {args.arch}, {n_params / 1e6:.0f}M params ({args.weight_layout} linear weights), {args.device}, "
         f"{args.threads} torch threads, {args.dtype}, "
         f"prompts of {args.prompt_tokens} tokens, {n} new tokens per stream"
     )

@@ -9,8 +9,18 @@ client; tokens are counted from the final usage chunk. Prints tokens/s for 1 and
 With --peer-pid, the server not being measured is paused (SIGSTOP, then SIGCONT), so neither pays for the other
 idling (vLLM's engine loop keeps a third of a core busy while idle).
 
+With --peer-vllm PYTHON, the bench starts the peer itself: vLLM's OpenAI server (from the environment of that python)
+on the `to-qwen2` export of the same checkpoint, fp32, with every CPU bound to its OpenMP threads
+(VLLM_CPU_OMP_THREADS_BIND=0-N VLLM_CPU_NUM_OF_RESERVED_CPU=0; --vllm-binding auto leaves vLLM's own choice, which
+reserves one CPU for its front end), and prints the binding vLLM reports in its log beside its numbers.
+
+--workload multiturn: each of --clients users holds a --turns-turn conversation, every turn resending the whole
+history (what a chat page sends); TTFT and tokens/s over all turns. This is where a prefix cache pays.
+
     python -m bench.serve_bench [-c CHECKPOINT] [--clients 8] [--max-tokens 128] [--rounds 3] [--url URL]
                                 [--peer http://127.0.0.1:8001 --peer-name vLLM --peer-pid PID] [--plot FILE.png]
+                                [--peer-vllm /tmp/vllm-venv/bin/python [--vllm-binding all|auto]]
+                                [--workload single|multiturn [--turns 6]]
 """
 
 import argparse
@@ -22,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +84,68 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+
+
+def vllm_environment(binding: str) -> dict[str, str]:
+    """What vLLM's CPU build is told about threads: "all" binds one OpenMP thread to every CPU this process may use
+    and reserves none for the front end; "auto" is vLLM's default (it reserves one CPU on a small machine)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    if binding == "all":
+        cpus = sorted(os.sched_getaffinity(0))
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                "OMP_NUM_THREADS": str(len(cpus))}  # fmt: skip
+    return env
+
+
+def vllm_binding(log: Path) -> str:
+    """The effective OpenMP binding vLLM reports in its log ("OpenMP thread binding info"), on one line."""
+    lines = log.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if "OpenMP thread binding info" in line:
+            found = []
+            for part in lines[i + 1 : i + 8]:  # tab-indented lines, each with the same log prefix (or none)
+                text = part.split("] ", 1)[1] if part.startswith("(") or "] " in part[:120] else part
+                if not text.startswith("\t") or "=" not in text:
+                    break
+                found.append(text.strip())
+            return "; ".join(found) or "(binding not reported)"
+    return "(no binding info in the log)"
+
+
+@contextlib.contextmanager
+def running_vllm(python: str, model: Path, binding: str, log: Path, max_model_len: int = 2048):
+    """vLLM's OpenAI server on `model` (a child in its own session): yields (URL, pid); it and its engine processes
+    are stopped on any exit, Ctrl-C included."""
+    port = free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+               "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", str(max_model_len), "--max-num-seqs", "16"]  # fmt: skip
+    env = {**os.environ, **vllm_environment(binding)}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900  # the first start compiles the model (minutes on a small CPU)
+        while True:
+            if process.poll() is not None:
+                sys.exit(f"vLLM exited with {process.returncode}; its log: {log}")
+            if time.time() > deadline:
+                sys.exit(f"vLLM did not come up within 900 s; its log: {log}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        yield url, process.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            os.killpg(process.pid, signal.SIGTERM)  # the API server and the engine processes it started
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -163,6 +236,42 @@ async def run_round(url: str, model: str, clients: int, max_tokens: int, offset:
     return sum(tokens for tokens, _ in results) / elapsed, [ttft for _, ttft in results], short
 
 
+async def one_conversation(client: openai.AsyncOpenAI, model: str, topic: str, turns: int,
+                           max_tokens: int) -> list[tuple[int, float]]:
+    """(completion tokens, TTFT) of each turn of one user's chat: every turn resends the history so far."""
+    messages, results = [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Tell me more about {topic}, part {turn + 1}." if turn else
+                         f"Write a long, detailed story about {topic}."})  # fmt: skip
+        start, first, tokens, text = time.perf_counter(), None, 0, ""
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
+            messages=messages, extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                text += chunk.choices[0].delta.content
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        messages.append({"role": "assistant", "content": text})
+        results.append((tokens, first if first is not None else time.perf_counter() - start))
+    return results
+
+
+async def run_conversations(url: str, model: str, users: int, turns: int, max_tokens: int,
+                            offset: int) -> tuple[float, list[float], int]:
+    """run_round's result for `users` concurrent multi-turn chats: (tokens/s over all turns, TTFTs, short turns)."""
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600) as client:
+        start = time.perf_counter()
+        chats = await asyncio.gather(*(one_conversation(client, model, TOPICS[(offset + i) % len(TOPICS)], turns,
+                                                        max_tokens) for i in range(users)))  # fmt: skip
+        elapsed = time.perf_counter() - start
+    results = [turn for chat in chats for turn in chat]
+    short = sum(tokens < max_tokens for tokens, _ in results)
+    return sum(tokens for tokens, _ in results) / elapsed, [ttft for _, ttft in results], short
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -203,6 +312,34 @@ def plot(path: str, names: list[str], speeds: list[dict[int, float]]) -> None:
     print(f"plot: {path}")
 
 
+def start_vllm_peers(stack: contextlib.ExitStack, args) -> list[tuple[str, str, int]]:
+    """Export the checkpoint for vLLM, start one vLLM per --vllm-binding, print the binding each reports:
+    [(name, URL, pid)]."""
+    if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
+        sys.exit(f"Error: `import vllm` fails with {args.peer_vllm}: give the python of an environment with vLLM "
+                 "(see bench/README.md).")
+    from qwen.demo import demo_checkpoint
+    from qwen.export import export_qwen2
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-bench-vllm-")))
+    source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
+    export = export_qwen2(source, tmp / "qwen2")
+    peers = []
+    for binding in args.vllm_binding:
+        started, log = time.perf_counter(), tmp / f"vllm-{binding}.log"
+        url, pid = stack.enter_context(running_vllm(args.peer_vllm, export, binding, log))
+        threads = {k: v for k, v in vllm_environment(binding).items() if "THREADS" in k or "RESERVED" in k}
+        told = " ".join(f"{k}={v}" for k, v in threads.items())
+        print(f"vLLM-{binding} ready in {time.perf_counter() - started:.0f} s; started with "
+              f"{told or 'its default binding'}; its log says: {vllm_binding(log)}", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGSTOP)  # no idle polling while the next one starts (resumed when measured)
+        peers.append((f"vLLM-{binding}", url, pid))
+    for _, _, pid in peers:
+        os.killpg(pid, signal.SIGCONT)
+    return peers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--checkpoint-path", default=None, help="default: the offline demo model")
@@ -216,6 +353,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="--threads of the started server")
     parser.add_argument("--server-arg", action="append", default=[], help="another flag for openai_api.py")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of the results")
+    parser.add_argument("--peer-vllm", default=None, metavar="PYTHON",
+                        help="start vLLM (installed in the environment of this python) as the peer, on the to-qwen2 "
+                             "export of the checkpoint")
+    parser.add_argument("--vllm-binding", choices=["all", "auto"], nargs="+", default=["all"],
+                        help="all: vLLM's OpenMP threads bound to every CPU, none reserved (default); auto: vLLM's "
+                             "own choice (it reserves a CPU for its front end); both: one vLLM of each, same run")
+    parser.add_argument("--workload", choices=["single", "multiturn"], default="single",
+                        help="single: one question per client; multiturn: each client a chat of --turns turns")
+    parser.add_argument("--turns", type=int, default=6, help="turns per chat of --workload multiturn")
     parser.add_argument("--no-pause", action="store_true",
                         help="leave the other server running while one is measured (default: with --peer-pid, "
                              "each server is paused with SIGSTOP while the other is measured)")
@@ -226,34 +372,41 @@ def main() -> int:
             ours, pid = args.url, None
         else:
             ours, pid = stack.enter_context(running_server(args.checkpoint_path, args.threads, args.server_arg))
-        servers = {"ours": ours} | ({args.peer_name: args.peer} if args.peer else {})
+        peers = [(args.peer_name, args.peer, args.peer_pid)] if args.peer else []
+        if args.peer_vllm:
+            peers += start_vllm_peers(stack, args)
+        servers = {"ours": ours} | {name: url for name, url, _ in peers}
         models = {name: asyncio.run(served_model(url)) for name, url in servers.items()}
         for name, url in servers.items():  # warm-up
             asyncio.run(run_round(url, models[name], 1, 4, 0))
         rounds = {name: {1: [], args.clients: []} for name in servers}
-        pids = {"ours": pid, args.peer_name: args.peer_pid} if args.peer and not args.no_pause else {}
+        pids = {"ours": pid} | {name: peer_pid for name, _, peer_pid in peers} if peers and not args.no_pause else {}
         pausing = bool(pids) and None not in pids.values()
         for r in range(args.rounds):  # interleaved, so a change in machine load hits every case alike
             for clients in (1, args.clients):
                 for name, url in servers.items():
                     others = [p for other, p in pids.items() if other != name] if pausing else []
                     with paused(others):
-                        result = asyncio.run(run_round(url, models[name], clients, args.max_tokens, r * clients))
+                        if args.workload == "multiturn":
+                            result = asyncio.run(run_conversations(url, models[name], clients, args.turns,
+                                                                   args.max_tokens, r * clients))  # fmt: skip
+                        else:
+                            result = asyncio.run(run_round(url, models[name], clients, args.max_tokens, r * clients))
                     rounds[name][clients].append(result)
-        print(f"{args.max_tokens} tokens per request, greedy, {args.rounds} interleaved rounds"
+        workload = f"{args.turns}-turn chats resending the history, " if args.workload == "multiturn" else ""
+        print(f"{workload}{args.max_tokens} tokens per request, greedy, {args.rounds} interleaved rounds"
               + (", the other server paused (SIGSTOP) while one is measured" if pausing else ""))
-        memory = {"ours": peak_memory(pid) if pid else None, args.peer_name: None}
-        if args.peer_pid:
-            memory[args.peer_name] = peak_memory(args.peer_pid)
+        memory = {"ours": peak_memory(pid) if pid else None}
+        memory |= {name: peak_memory(peer_pid) if peer_pid else None for name, _, peer_pid in peers}
         speeds = {name: summarize(name, rounds[name], memory[name]) for name in servers}
-        if args.peer:
+        for name, _, _ in peers:
             for clients in (1, args.clients):
-                ratios = [a[0] / b[0] for a, b in zip(rounds["ours"][clients], rounds[args.peer_name][clients],
-                                                       strict=True)]
-                print(f"ours / {args.peer_name}, {clients} client(s): {statistics.median(ratios):.2f}x (per round "
-                      f"{min(ratios):.2f}-{max(ratios):.2f})")
-            if memory["ours"] and memory[args.peer_name]:
-                print(f"peak memory ours / {args.peer_name}: {memory['ours'] / memory[args.peer_name]:.2f}")
+                ratios = [a[0] / b[0] for a, b in zip(rounds["ours"][clients], rounds[name][clients], strict=True)]
+                ttft = [percentile([t for _, ts, _ in rounds[server][clients] for t in ts], 50) for server in ("ours", name)]
+                print(f"ours / {name}, {clients} client(s): {statistics.median(ratios):.2f}x (per round "
+                      f"{min(ratios):.2f}-{max(ratios):.2f}); TTFT p50 ours / {name}: {ttft[0] / ttft[1]:.2f}")
+            if memory["ours"] and memory[name]:
+                print(f"peak memory ours / {name}: {memory['ours'] / memory[name]:.2f}")
         if args.plot:
             plot(args.plot, list(speeds), list(speeds.values()))
     return 0

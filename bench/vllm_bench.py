@@ -12,9 +12,7 @@ vLLM lives in its own virtual environment (see examples/serving_vllm.md); point 
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,63 +20,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import openai
 
-from bench.serve_bench import free_port, run_round, running_server
+from bench.serve_bench import run_round, running_server, running_vllm, served_model, vllm_binding
 
 QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-@contextlib.contextmanager
-def running_vllm(python: str, model: Path, threads: int, max_model_len: int, log: Path):
-    """vLLM's OpenAI server on `model` (a child in its own session): yields its URL; it and its engine processes
-    are stopped on any exit, Ctrl-C included."""
-    port = free_port()
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
-               "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", str(max_model_len), "--max-num-seqs", "16"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900  # the first start compiles the model (minutes on a small CPU)
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"vLLM exited with {process.returncode}; its log: {log}")
-            if time.time() > deadline:
-                sys.exit(f"vLLM did not come up within 900 s; its log: {log}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)  # the API server and the engine processes it started
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def greedy_answer(url: str, max_tokens: int) -> str:
     client = openai.OpenAI(base_url=url + "/v1", api_key="bench", timeout=600)
     reply = client.chat.completions.create(
-        model="bench", temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": QUESTION}]
+        model=asyncio.run(served_model(url)), temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": QUESTION}]
     )
     return reply.choices[0].message.content
 
 
 def measure(url: str, clients: int, max_tokens: int, rounds: int) -> dict[int, float]:
     """Median aggregate tokens/s for 1 and `clients` concurrent clients (rounds interleaved)."""
-    asyncio.run(run_round(url, 1, 4, 0))  # warm-up
+    model = asyncio.run(served_model(url))
+    asyncio.run(run_round(url, model, 1, 4, 0))  # warm-up
     speeds = {1: [], clients: []}
     for r in range(rounds):
         for n in speeds:
-            speeds[n].append(asyncio.run(run_round(url, n, max_tokens, r * n))[0])
+            speeds[n].append(asyncio.run(run_round(url, model, n, max_tokens, r * n))[0])
     return {n: statistics.median(values) for n, values in speeds.items()}
 
 
@@ -117,7 +81,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads each server may use")
+    parser.add_argument("--threads", type=int, default=None, help="--threads of our server (default: its own)")
+    parser.add_argument("--vllm-binding", choices=["all", "auto"], default="all",
+                        help="all: vLLM's OpenMP threads on every CPU, none reserved (default); auto: vLLM's choice")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--plot", default="vllm_bench.png", help="where to save the bar chart")
     args = parser.parse_args()
@@ -135,14 +101,16 @@ def main() -> int:
         export = export_qwen2(source, Path(tmp) / "qwen2")
         print(f"exported {source} to the Qwen2 layout in {time.perf_counter() - started:.0f} s", flush=True)
 
-        with running_server(str(source), args.threads) as url:
+        with running_server(str(source), args.threads, []) as (url, _):
             answers["openai_api.py"] = greedy_answer(url, 32)
             results["openai_api.py"] = measure(url, args.clients, args.max_tokens, args.rounds)
         report("openai_api.py", answers["openai_api.py"], results["openai_api.py"])
 
         started = time.perf_counter()
-        with running_vllm(args.vllm_python, export, args.threads, args.max_model_len, Path(tmp) / "vllm.log") as url:
-            print(f"vLLM ready in {time.perf_counter() - started:.0f} s", flush=True)
+        log = Path(tmp) / "vllm.log"
+        with running_vllm(args.vllm_python, export, args.vllm_binding, log, args.max_model_len) as (url, _):
+            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; its OpenMP binding: {vllm_binding(log)}",
+                  flush=True)
             answers["vLLM"] = greedy_answer(url, 32)
             results["vLLM"] = measure(url, args.clients, args.max_tokens, args.rounds)
         report("vLLM", answers["vLLM"], results["vLLM"])

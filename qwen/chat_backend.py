@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from qwen_generation_utils import eod_id, make_context
 
 from .chat_api import StopStrings, TextStream, chat_format, chat_stop_words
-from .engine import Engine, SamplingParams, TokenEvent, model_context_length
+from .engine import Engine, TokenEvent, model_context_length
 from .errors import GenerationError, ServerShutdownError
+from .sampling import SamplingParams, resolve
 
 # engine finish reason → OpenAI finish reason ("cancelled" happens only when we stopped it, or at shutdown)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -76,7 +77,7 @@ class ChatBackend:
     def sampling_params(self, **requested) -> SamplingParams:
         """Engine sampling parameters: `requested` (SamplingParams fields; None = unset), else the checkpoint's
         generation_config, else the defaults; stop tokens default to the checkpoint's. Bad values: ValueError."""
-        return SamplingParams.resolve({"stop_token_ids": self.stop_token_ids, **requested}, self.generation_config)
+        return resolve({"stop_token_ids": self.stop_token_ids, **requested}, self.generation_config)
 
     def chat_prompt(self, query: str, history, system: str) -> list[int]:
         """Prompt ids of one chat turn (ChatML; user text never parsed as control tokens)."""

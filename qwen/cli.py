@@ -24,6 +24,7 @@ from transformers import GenerationConfig, set_seed
 from qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, encode_plain
 
 from .errors import UsageError  # what a person typed (a command, a :conf value, a seed) cannot be used
+from .sampling import BOUNDS
 from .token_bounds import min_tokens
 
 # C0/C1 control characters but tab and newline: printed raw, a saved or generated text could move the cursor,
@@ -69,16 +70,15 @@ SEED_RANGE = (0, 2**32 - 1)  # transformers.set_seed seeds numpy too, which take
 # own defaults are all None in transformers 5, so they cannot tell the type. max_window_size / chat_format are
 # Qwen's additions. Answers are streamed token by token, which beam search cannot do: num_beams stays 1.
 CONF_OPTIONS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool] | None, str]] = {
-    "max_new_tokens": (int, _between(1, math.inf), "at least 1"),
+    "max_new_tokens": (int, BOUNDS["max_new_tokens"].__contains__, BOUNDS["max_new_tokens"].describe()),
     "min_new_tokens": (int, _between(0, math.inf), "at least 0"),
     "do_sample": (_parse_bool, None, ""),
-    "temperature": (float, _between(0, math.inf), "a number >= 0 (0 means greedy)"),
-    "top_p": (float, _between(0, 1, low_open=True), "in (0, 1]"),
-    "top_k": (int, _between(0, math.inf), "at least 0 (0 means off)"),
+    "temperature": (float, BOUNDS["temperature"].__contains__, BOUNDS["temperature"].describe()),
+    "top_p": (float, BOUNDS["top_p"].__contains__, BOUNDS["top_p"].describe()),
+    "top_k": (int, BOUNDS["top_k"].__contains__, BOUNDS["top_k"].describe()),
     "min_p": (float, _between(0, 1), "in [0, 1]"),
     "typical_p": (float, _between(0, 1, low_open=True), "in (0, 1]"),
-    # bounded as the API server's: dividing a logit by a tinier one overflows to inf / NaN
-    "repetition_penalty": (float, _between(0.01, 100), "in [0.01, 100] (1 means off)"),
+    "repetition_penalty": (float, BOUNDS["repetition_penalty"].__contains__, BOUNDS["repetition_penalty"].describe()),
     "no_repeat_ngram_size": (int, _between(0, math.inf), "at least 0"),
     "num_beams": (int, _between(1, 1), "1: answers are streamed token by token, which beam search cannot do"),
     "length_penalty": (float, _ANY_FINITE, "a finite number"),

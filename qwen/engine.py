@@ -23,19 +23,15 @@ import collections
 import inspect
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from qwen_generation_utils import DEFAULT_MAX_NEW_TOKENS
-
 from .compat import cache_kwargs
-from .slot_cache import SlotCache, store_for
+from .sampling import INVALID, SamplerState, SamplingParams, sample
+from .slot_cache import SPARE, SlotCache, store_for
 
-MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
-GREEDY_BELOW = 0.01  # as the original: a temperature this small means greedy decoding
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
 # tokens, and the running requests get their next token between two chunks. On a CPU a step of 128 prompt tokens
 # takes about as long per token as a bigger one, so smaller steps hand out first tokens sooner (a burst of 8
@@ -63,64 +59,6 @@ def model_context_length(model) -> int | None:
     """The longest sequence `model` is configured for: max_position_embeddings, else QWen's seq_length."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 1.0  # 0 → greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 → off
-    repetition_penalty: float = 1.0  # HF semantics: over prompt and generated tokens, divides positive logits
-    presence_penalty: float = 0.0  # OpenAI semantics: over generated tokens
-    frequency_penalty: float = 0.0
-    seed: int | None = None  # same seed → same tokens, whatever else shares the batch
-    stop_token_ids: tuple[int, ...] = ()  # e.g. eos, <|im_end|>, <|im_start|>; never emitted as a TokenEvent
-    logprobs: bool = False  # log-probabilities of the model's raw distribution (before penalties/temperature)
-    top_logprobs: int = 0
-
-    def __post_init__(self):
-        self.stop_token_ids = tuple(self.stop_token_ids)
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 means off)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 means off)"),
-            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
-            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),  # torch.Generator's
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid sampling parameters: {message}")
-
-    @classmethod
-    def resolve(cls, requested: Mapping[str, Any], checkpoint=None) -> SamplingParams:
-        """Each field from the request, else the checkpoint's generation_config, else the built-in default.
-
-        `requested` holds field names of this class (None = unset); `checkpoint` is a GenerationConfig (or None).
-        A checkpoint that does not sample means temperature 0, and so does a temperature below GREEDY_BELOW.
-        A new sampling option is a field here and a field of the same name in the API schema, nothing more.
-        """
-
-        def from_checkpoint(name: str):
-            if name == "temperature" and getattr(checkpoint, "do_sample", None) is False:
-                return 0.0
-            return getattr(checkpoint, name, None)
-
-        values = {}
-        for name in (f.name for f in fields(cls)):
-            value = requested.get(name)
-            value = from_checkpoint(name) if value is None else value
-            if value is not None:
-                values[name] = value
-        if values.get("temperature", 1.0) < GREEDY_BELOW:
-            values["temperature"] = 0.0
-        return cls(**values)
-
-    @property
-    def uses_penalties(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)
@@ -224,13 +162,11 @@ class _Sequence:
     handle: RequestHandle
     prompt: list[int]
     max_new_tokens: int
-    generator: torch.Generator
+    sampler: SamplerState
     generated: list[int] = field(default_factory=list)
     slot: int = -1  # the row of the engine's SlotCache this request owns while running
     cached: int = 0  # how many of prompt + generated the cache holds; the rest is fed at the next steps
     chunk: int = 0  # how many tokens the current prefill step feeds
-    counts: torch.Tensor | None = None  # per-token counts of generated tokens, for penalties
-    prompt_seen: torch.Tensor | None = None  # bool mask of prompt tokens, for repetition_penalty
 
     @property
     def params(self) -> SamplingParams:
@@ -256,38 +192,6 @@ class _Sequence:
         return self.prompt[start:stop] + self.generated[max(0, start - n) : max(0, stop - n)]
 
 
-# ---- sampling ----
-
-
-def _apply_penalties(logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
-    p = seq.params
-    counts = seq.counts
-    if p.repetition_penalty != 1:
-        seen = seq.prompt_seen | (counts > 0)
-        penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    # OpenAI: logits - count * frequency_penalty - (count > 0) * presence_penalty
-    return logits - counts * p.frequency_penalty - (counts > 0).float() * p.presence_penalty
-
-
-def _sample(logits: torch.Tensor, seq: _Sequence) -> int:
-    p = seq.params
-    if p.uses_penalties:
-        logits = _apply_penalties(logits, seq)
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        # keep the smallest set of most likely tokens whose mass reaches top_p
-        probs, order = torch.sort(logits.softmax(-1), descending=True)
-        drop = (probs.cumsum(-1) - probs) > p.top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=seq.generator))
-
-
 class Engine:
     """Serve many generation requests at once on one model, from one background thread.
 
@@ -299,12 +203,15 @@ class Engine:
         self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
         prefill_chunk: int | None = None,
         decodable_tokens: int | None = None, idle_release_s: float = DEFAULT_IDLE_RELEASE_S,
-        threads: int | None = None,
+        threads: int | None = None, prefix_cache: bool = True,
     ):
         """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
         more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
         rows past the tokenizer are padding that nothing can decode, so they are masked out.
-        threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set)."""
+        threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set).
+        prefix_cache: a free slot keeps the KV of the tokens its last request had in the cache, and a new request
+        whose prompt starts with them takes that slot and computes only the rest (a chat resending its history);
+        it costs no memory beyond the slots, and the least recently used slot is the one overwritten first."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
@@ -336,6 +243,12 @@ class Engine:
         # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
         self._slots: list[_Sequence | None] = [None] * max_batch_size
+        self.prefix_cache = prefix_cache
+        # for each free slot: the tokens whose KV it still holds in columns 0.. (prefix cache), and when it was freed
+        self._kept: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._freed_at = [0] * max_batch_size
+        self._frees = 0
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed (a statistic)
         store = store_for(getattr(model, "config", None))  # int8 when the config asks for a quantized cache
         self._cache = SlotCache(max_batch_size, store=store, max_columns=max_context)
 
@@ -383,7 +296,7 @@ class Engine:
             self._active += 1
             self._next_id += 1
             handle = RequestHandle(self, self._next_id, len(prompt), params)
-            self._waiting.append(_Sequence(handle, prompt, max_new_tokens, generator))
+            self._waiting.append(_Sequence(handle, prompt, max_new_tokens, SamplerState(generator, prompt=prompt)))
             self._work.notify()
         return handle
 
@@ -441,7 +354,7 @@ class Engine:
                     holding = bool(self._cache.layers)  # storage exists once a layer was written
                     if not self._work.wait_for(lambda: self._stopping or self._waiting or self._rows,
                                                self.idle_release_s if holding else None):
-                        self._cache.release()  # idle for a while: give the memory back
+                        self._release_cache()  # idle for a while: give the memory back
                         continue
                     stopping = self._stopping
                 if stopping:
@@ -470,8 +383,10 @@ class Engine:
             free = self.max_batch_size - len(self._rows)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         for seq in admitted:
-            seq.slot = self._slots.index(None)
+            seq.slot, seq.cached = self._place(seq.prompt)
             self._slots[seq.slot] = seq
+            self._kept[seq.slot] = []
+            self.reused_tokens += seq.cached
         self._rows = self._rows + admitted
         # prefill first: a request whose prompt is then complete gets its first token now, and its second in the
         # decode below, as in a whole-prompt prefill
@@ -487,6 +402,34 @@ class Engine:
                 self._decode(decoding)
             except Exception as exc:  # fail what took part; the slots of the others hold what they held
                 self._fail(decoding, exc)
+
+    def _place(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, tokens already in it) for a new request: the free slot that holds the longest prefix of `prompt`
+        (at most all but its last token: the last one's logits are needed), else the lowest free slot that keeps
+        nothing (up to max_batch_size slots of storage), else the one freed longest ago (LRU)."""
+        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        best, reuse = None, 0
+        if self.prefix_cache:
+            for slot in free:
+                kept = self._kept[slot]
+                common = next((i for i, (a, b) in enumerate(zip(kept, prompt[:-1], strict=False)) if a != b),
+                              min(len(kept), len(prompt) - 1))  # fmt: skip
+                if common > reuse and self._prefix_is_current(common, len(kept), len(prompt)):
+                    best, reuse = slot, common
+        if best is None:
+            empty = [slot for slot in free if not self._kept[slot]]
+            best = empty[0] if empty else min(free, key=lambda slot: self._freed_at[slot])
+        return best, reuse
+
+    def _prefix_is_current(self, common: int, kept: int, total: int) -> bool:
+        """Whether the KV of a kept prefix is what a fresh prefill would compute: under dynamic NTK the slot's keys
+        were rotated with the alpha of its cached length, which must be the new request's alpha too."""
+        check = self._recompute_check
+        return check is None or not (check(common, kept) or check(common, total))
+
+    def _release_cache(self) -> None:
+        self._cache.release()
+        self._kept = [[] for _ in range(self.max_batch_size)]
 
     def _fail(self, seqs: list[_Sequence], exc: Exception) -> None:
         for seq in seqs:
@@ -560,8 +503,9 @@ class Engine:
                 positions.append([seq.cached])
             else:  # a free slot, or a row being prefilled: its next chunk overwrites this column
                 busy = self._slots[slot]
+                column = busy.cached if busy is not None else SPARE  # a free slot's kept prefix stays intact
                 input_ids.append([0])
-                columns.append([busy.cached if busy is not None else 0])
+                columns.append([column])
                 positions.append([0])
         logits = self._forward(rows, input_ids, columns, positions, columns)
         for seq in seqs:
@@ -589,24 +533,31 @@ class Engine:
             logits[:, self.decodable_tokens :] = float("-inf")  # padding rows of the output layer: never sampled
         want_logprobs = any(s.params.logprobs or s.params.top_logprobs for s in seqs)
         logprobs = logits.log_softmax(-1) if want_logprobs else [None] * len(seqs)
-        for seq, row_logits, row_logprobs in zip(seqs, logits, logprobs, strict=True):
-            try:
-                self._emit_token(seq, row_logits, row_logprobs)
-            except Exception as exc:  # e.g. one request's penalties overflow to NaN: fail it, not its batch
-                self._fail([seq], exc)
+        for seq in seqs:
+            seq.sampler.observe(seq.params, logits.shape[-1], logits.device)
+        try:
+            tokens = sample(logits, [s.params for s in seqs], [s.sampler for s in seqs]).tolist()  # one read back
+        except Exception:  # find the request that fails (e.g. a device error in one row): fail it, not its batch
+            tokens = []
+            for seq, row in zip(seqs, logits, strict=True):
+                try:
+                    tokens.append(int(sample(row[None], [seq.params], [seq.sampler])[0]))
+                except Exception as exc:
+                    self._fail([seq], exc)
+                    tokens.append(None)
+        for seq, token, row_logprobs in zip(seqs, tokens, logprobs, strict=True):
+            if token is not None:
+                self._emit_token(seq, token, row_logprobs)
         self._keep([s for s in self._rows if not s.handle.finished])
 
-    def _emit_token(self, seq: _Sequence, row_logits: torch.Tensor, row_logprobs: torch.Tensor | None) -> None:
+    def _emit_token(self, seq: _Sequence, token: int, row_logprobs: torch.Tensor | None) -> None:
         p = seq.params
-        if p.uses_penalties and seq.counts is None:
-            seq.counts = torch.zeros_like(row_logits)
-            seq.prompt_seen = torch.zeros_like(row_logits, dtype=torch.bool)
-            seq.prompt_seen[torch.tensor(seq.prompt, device=self.device)] = True
-        token = _sample(row_logits, seq)
+        if token == INVALID:
+            self._fail([seq], FloatingPointError("the sampling distribution is nan / inf (penalties overflowed?)"))
+            return
         seq.generated.append(token)
-        if seq.counts is not None:
-            seq.counts[token] += 1
-        if token in p.stop_token_ids:
+        seq.sampler.record(token)
+        if token in p.stop_token_ids and not p.ignore_eos:
             self._finish(seq, "stop")
             return
         event = TokenEvent(token)
@@ -638,6 +589,9 @@ class Engine:
         for seq in self._rows:
             if id(seq) not in kept:
                 self._slots[seq.slot] = None
+                self._kept[seq.slot] = seq.tokens(0, seq.cached) if self.prefix_cache else []
+                self._frees += 1
+                self._freed_at[seq.slot] = self._frees
         self._rows = rows  # the cache keeps its memory: the engine thread releases it after idle_release_s
 
     def _cancel_rows(self) -> None:
@@ -648,7 +602,7 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._rows, self._slots = [], [None] * self.max_batch_size
-        self._cache.release()
+        self._release_cache()
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .engine import SamplingParams
+from .sampling import BOUNDS, SamplingParams, resolve
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on `stop`
 
@@ -57,12 +57,23 @@ class OpenAIModel(BaseModel):
 
 # --------------------------------------------------------------------------------------------- pieces
 
-Temperature = Annotated[float, Field(ge=0, le=2)]
-TopP = Annotated[float, Field(gt=0, le=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-# HF semantics, 1 = off; bounded so that dividing a logit by it stays a finite float32 (1e-45 made inf / NaN)
-RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes
+
+
+def bounded(name: str) -> Any:
+    """The Field limits of sampling option `name`, from the one bounds table (qwen/sampling.py)."""
+    bound = BOUNDS[name]
+    low = {"gt" if bound.low_open else "ge": bound.low}
+    return Field(**low, **({"le": bound.high} if bound.high != float("inf") else {}))
+
+
+Temperature = Annotated[float, bounded("temperature")]
+TopP = Annotated[float, bounded("top_p")]
+TopK = Annotated[int, bounded("top_k")]
+RepetitionPenalty = Annotated[float, bounded("repetition_penalty")]  # extension; HF semantics, 1 = off
+PresencePenalty = Annotated[float, bounded("presence_penalty")]
+FrequencyPenalty = Annotated[float, bounded("frequency_penalty")]
+Seed = Annotated[int, bounded("seed")]
+MaxTokens = Annotated[int, bounded("max_new_tokens")]
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)]
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"]
 
@@ -149,13 +160,15 @@ class _SamplingRequest(OpenAIModel):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: int | None = Field(default=None, ge=0)  # extension; 0 = off
+    top_k: TopK | None = None  # extension; 0 = off
     repetition_penalty: RepetitionPenalty | None = None  # extension
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    frequency_penalty: FrequencyPenalty | None = None
+    # extension (vLLM's): generate past the end-of-text tokens up to max_tokens, so benchmarks measure equal work
+    ignore_eos: bool | None = None
     stop: Stop | None = None
     n: int | None = Field(default=1, ge=1, le=8)
     seed: Seed | None = None
@@ -170,8 +183,14 @@ class _SamplingRequest(OpenAIModel):
         return self
 
     def sampling_request(self) -> dict[str, Any]:
-        """The fields this request shares by name with the engine's SamplingParams (None = unset)."""
+        """The fields this request shares by name with SamplingParams (None = unset)."""
         return {f.name: getattr(self, f.name) for f in fields(SamplingParams) if f.name in type(self).model_fields}
+
+    def to_sampling_params(self, defaults=None, **given) -> SamplingParams:
+        """This request's sampling (as vLLM's to_sampling_params): its fields, then `given` (what the server works
+        out: max_new_tokens, per-choice seed, stop ids, ...), unset ones from `defaults` (the checkpoint's
+        GenerationConfig), then the built-in defaults. Bad values: ValueError."""
+        return resolve({**self.sampling_request(), **given}, defaults)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -184,9 +203,9 @@ class _SamplingRequest(OpenAIModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # newer name of max_tokens; wins over it
+    max_completion_tokens: MaxTokens | None = None  # newer name of max_tokens; wins over it
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Annotated[int, bounded("top_logprobs")] | None = None
     tools: list[ChatCompletionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[dict[str, Any]] | None = None  # legacy; OpenAI form or Qwen plugin form
@@ -287,7 +306,7 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 
 class CompletionRequest(_SamplingRequest):
     prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)]  # an empty prompt has nothing to run
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+    max_tokens: MaxTokens | None = 16  # OpenAI's default for this endpoint
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the top-N alternatives per token
     echo: bool | None = False  # prepend the prompt to the returned text
     # extension: read "<|im_start|>"-style text in the prompt as special tokens; off so user text stays text

@@ -129,8 +129,13 @@ class SlotLayer(CacheLayerMixin):
         return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
 
 
+SPARE = -1  # a column that keeps nothing: the storage's last one, never inside a forward's width (see plan)
+
+
 class _Plan:
-    """Where one forward writes and what it reads: computed once on the host from Python ints (no device sync)."""
+    """Where one forward writes and what it reads: computed once on the host from Python ints (no device sync).
+    A row whose columns are all SPARE is a placeholder (a free slot inside the batch's range): its writes land in
+    the spare column, and it sees nothing."""
 
     def __init__(self, rows: list[int], columns: list[list[int]], device):
         self.rows = rows
@@ -139,7 +144,7 @@ class _Plan:
         self.row_slice = slice(first, last + 1) if rows == list(range(first, last + 1)) else None
         self.row_index = torch.tensor(rows, device=device)[:, None]
         self.columns = torch.tensor(columns, device=device)
-        self.width = max(max(c) for c in columns) + 1
+        self.width = max(max(c) for c in columns) + 1  # SPARE (-1) never counts
         self.past = self.width - self.tokens
 
 
@@ -171,10 +176,10 @@ class SlotCache(Cache):
         slots, width = self.capacity
         if max(rows) >= slots:  # each dimension doubles only when it is too small
             slots = min(self.max_slots, max(2 * slots, max(rows) + 1))
-        if plan.width > width:
-            width = -(-max(2 * width, plan.width) // self.GROWTH_COLUMNS) * self.GROWTH_COLUMNS
+        if plan.width + 1 > width:  # + the spare column, always past the width
+            width = -(-max(2 * width, plan.width + 1) // self.GROWTH_COLUMNS) * self.GROWTH_COLUMNS
             if self.max_columns is not None:
-                width = max(min(width, self.max_columns), plan.width)
+                width = max(min(width, self.max_columns + 1), plan.width + 1)
         self.capacity = (slots, width)
         self.plan_or_none = plan
         return plan
@@ -201,4 +206,4 @@ class SlotCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["Int8Store", "PlainStore", "SlotCache", "SlotLayer", "store_for"]
+__all__ = ["SPARE", "Int8Store", "PlainStore", "SlotCache", "SlotLayer", "store_for"]

@@ -27,8 +27,9 @@ import gradio as gr
 from qwen_generation_utils import DEFAULT_SYSTEM
 
 from .chat_backend import ChatBackend
-from .engine import PromptTooLongError, QueueFullError, RequestHandle, SamplingParams
+from .engine import PromptTooLongError, QueueFullError, RequestHandle
 from .errors import GenerationError
+from .sampling import BOUNDS, SamplingParams
 
 History = list[tuple[str, str]]  # [(query, raw response)], what make_context takes
 MAX_NEW_TOKENS_LIMIT = 8192  # the slider's upper end (the engine also clamps to the context window)
@@ -168,9 +169,10 @@ def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             system = gr.Textbox(label="System prompt", value=d.system, lines=2, elem_id="system")
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature (0 = greedy)",
+                temperature = gr.Slider(BOUNDS["temperature"].low, BOUNDS["temperature"].high, value=d.temperature,
+                                        step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
-                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p", elem_id="top_p")
+                top_p = gr.Slider(0.05, BOUNDS["top_p"].high, value=d.top_p, step=0.05, label="Top-p", elem_id="top_p")
                 max_new_tokens = gr.Slider(1, max(MAX_NEW_TOKENS_LIMIT, d.max_new_tokens), value=d.max_new_tokens,
                                            step=1, label="Max new tokens", elem_id="max_new_tokens")
         history = gr.State([])

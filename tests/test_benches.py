@@ -32,6 +32,7 @@ def test_decode_bench_runs_and_prints_the_ratio():
     assert done.returncode == 0, done.stderr
     assert "same function" in done.stdout and "with packed linear weights" in done.stdout
     assert "decode ratio QWenLMHeadModel / Qwen2ForCausalLM" in done.stdout and "prefill ratio" in done.stdout
+    assert "bandwidth bound:" in done.stdout and "decode reaches QWenLMHeadModel" in done.stdout
 
 
 def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
@@ -95,3 +96,46 @@ def test_paused_stops_a_server_and_its_children_then_resumes_them():
         for p in process_tree(parent.pid)[::-1]:
             os.kill(p, signal.SIGKILL)
         parent.wait()
+
+
+def test_vllm_peer_gets_every_cpu_and_its_reported_binding_is_read_back(tmp_path):
+    from bench.serve_bench import vllm_binding, vllm_environment
+
+    cpus = sorted(os.sched_getaffinity(0))
+    env = vllm_environment("all")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cpus)) and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment("auto")  # vLLM's own choice
+    log = tmp_path / "vllm.log"  # the lines vLLM 0.32's CPU worker logs (vllm/utils/ompmultiprocessing.py)
+    prefix = "(EngineCore pid=1) INFO 12-04 22:00:00 [ompmultiprocessing.py:185] "
+    log.write_text("".join(prefix + line + "\n" for line in [
+        "OpenMP thread binding info: ", "\tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False",
+        "\tlocal_world_size=1, reserve_cpu_num=1", "\tlocal_rank=0, core ids=[1]", "\treserved_cpus=[0]"])
+        + "(EngineCore pid=1) INFO 12-04 22:00:01 [core.py:1] next\n")  # fmt: skip
+    assert vllm_binding(log) == ("VLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False; "
+                                 "local_world_size=1, reserve_cpu_num=1; local_rank=0, core ids=[1]; reserved_cpus=[0]")
+
+
+def test_serve_bench_multiturn_chats_resend_their_history(tmp_path):
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.serve_bench", "-c", str(checkpoint), "--threads", "1", "--clients", "2",
+         "--max-tokens", "3", "--rounds", "1", "--workload", "multiturn", "--turns", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "2-turn chats resending the history, 3 tokens per request" in done.stdout
+    assert "ours  2 client(s)" in done.stdout and "ended early" not in done.stdout  # ignore_eos is honoured
+
+
+def test_gpu_suite_dry_run_writes_one_json_and_a_table(tmp_path):
+    import json
+
+    assert subprocess.run(["bash", "-n", "bench/gpu_suite.sh"], cwd=REPO).returncode == 0
+    done = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "SUITE_STEPS": "decode gptq"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["dry_run"] and report["steps"]["decode"]["status"] == "ok"
+    assert any("bandwidth bound" in line for line in report["steps"]["decode"]["results"])
+    assert report["steps"]["gptq"]["status"] == "skipped"
+    assert "| decode | ok |" in (tmp_path / "gpu_suite.md").read_text()

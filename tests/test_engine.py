@@ -205,6 +205,17 @@ def test_stop_token_ends_with_stop(model):
     assert (finish.reason, finish.completion_tokens) == ("stop", cut + 1)
 
 
+def test_ignore_eos_generates_past_the_stop_tokens_to_max_new_tokens(model):
+    expected = reference(model, PROMPTS[3], 10)
+    engine = Engine(model)
+    handle = engine.submit(PROMPTS[3], greedy(10, stop_token_ids=[expected[4]], ignore_eos=True))
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    tokens, finish = handle.result()
+    assert tokens == expected  # the stop token is emitted like any other
+    assert (finish.reason, finish.completion_tokens) == ("length", 10)
+
+
 def test_context_limit(model):
     engine = Engine(model, max_context=10)
     with pytest.raises(PromptTooLongError, match="context window is 10"):
@@ -217,7 +228,7 @@ def test_context_limit(model):
 
 
 def test_bad_requests_are_named(model):
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\] \(0 means greedy\)"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)
@@ -293,7 +304,7 @@ def test_async_streams_leave_the_event_loop_free(model):
 
 def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(model):
     """A burst after a short pause reuses the KV cache (no new allocation); a long pause frees it."""
-    with Engine(model, idle_release_s=1.0) as engine:
+    with Engine(model, idle_release_s=1.0, max_batch_size=1) as engine:  # one slot: the second request takes it
         engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
         storage = [t.data_ptr() for layer in engine._cache.layers for t in layer.tensors]
         assert engine._cache.nbytes() > 0  # finished, and still held

@@ -12,8 +12,13 @@ from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 from qwen.serving import create_app
 from qwen.tokenization_qwen import QWenTokenizer
 
-# divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
-OVERFLOWING_PENALTY = dict(temperature=1.0, repetition_penalty=1e-45)
+
+def overflowing(max_new_tokens: int) -> SamplingParams:
+    """Divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
+    (set past the bounds check, which refuses it: what a defect further down would produce)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
+    params.repetition_penalty = 1e-45
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def model():
 def test_a_sampling_failure_fails_only_its_own_request(model):
     engine = Engine(model, max_batch_size=4)
     good = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0))
-    bad = engine.submit(list(range(64)), SamplingParams(max_new_tokens=4, **OVERFLOWING_PENALTY))
+    bad = engine.submit(list(range(64)), overflowing(4))
     for _ in range(6):
         engine.step()
     tokens, finish = good.result()
@@ -78,14 +83,14 @@ def tokenizer():
 def test_api_a_request_whose_generation_fails_does_not_break_its_neighbour(tokenizer, monkeypatch):
     """A device failure (simulated: there is no GPU here) in one request's sampling: that request gets a 500
     that does not show the internal error, the stream beside it goes on to its end."""
-    sample = engine_module._sample
+    sample = engine_module.sample
 
-    def failing_sample(logits, seq):
-        if seq.params.seed == 666:
+    def failing_sample(logits, params, states):
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("CUDA error: device-side assert triggered at /secret/path/kernel.cu")
-        return sample(logits, seq)
+        return sample(logits, params, states)
 
-    monkeypatch.setattr(engine_module, "_sample", failing_sample)
+    monkeypatch.setattr(engine_module, "sample", failing_sample)
     model = ScriptedLM(tokenizer, delay=0.01)
     with ServerThread(create_app(model, tokenizer, model_names=["s"], max_context=1024)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from .. import protocol as api
 from ..chat_backend import ChatBackend
-from ..engine import EngineStoppedError, PromptTooLongError, QueueFullError, SamplingParams
+from ..engine import EngineStoppedError, PromptTooLongError, QueueFullError
+from ..sampling import SamplingParams
 from ..token_bounds import min_tokens
 from .http import APIError, logger
 
@@ -133,13 +134,10 @@ class OpenAIServer:
                                 logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams of choice number `choice`: request fields, else the checkpoint's generation_config."""
         try:
-            return self.backend.sampling_params(**{
-                **request.sampling_request(),
-                "max_new_tokens": max_new_tokens,
-                "seed": choice_seed(request.seed, choice),
-                "logprobs": logprobs,
-                "top_logprobs": top_logprobs,
-            })  # fmt: skip
+            return request.to_sampling_params(
+                self.backend.generation_config, max_new_tokens=max_new_tokens, seed=choice_seed(request.seed, choice),
+                stop_token_ids=self.backend.stop_token_ids, logprobs=logprobs, top_logprobs=top_logprobs,
+            )
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
