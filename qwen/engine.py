@@ -243,7 +243,8 @@ class Engine:
         # the running batch, owned by whoever runs step(): requests in the order they were admitted, each in a slot
         self._rows: list[_Sequence] = []
         self._slots: list[_Sequence | None] = [None] * max_batch_size
-        self.prefix_cache = prefix_cache
+        # a model whose cache depends on how tokens were fed (not only on token and position) says so: no reuse
+        self.prefix_cache = prefix_cache and getattr(model, "supports_prefix_cache", True)
         # for each free slot: the tokens whose KV it still holds in columns 0.. (prefix cache), and when it was freed
         self._kept: list[list[int]] = [[] for _ in range(max_batch_size)]
         self._freed_at = [0] * max_batch_size

@@ -90,6 +90,9 @@ class ScriptedLM(torch.nn.Module):
     state; the engine's filler rows (token 0 at position 0 in a decode call) are skipped.
     """
 
+    # its cache records which call fed each token, so a reused prefix (prompt + answer) would read as generated
+    supports_prefix_cache = False
+
     def __init__(self, tokenizer, delay: float = 0.0):
         super().__init__()
         self.embed = torch.nn.Embedding(len(tokenizer), 1)  # unused: gives the engine a device and a vocab size
