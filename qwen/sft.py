@@ -480,6 +480,7 @@ def load_for_training(model_args, training_args, lora_args):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=training_args.gradient_checkpointing
         )
+    torch.manual_seed(training_args.seed)  # LoRA A's random init: the same --seed gives the same adapter
     model = get_peft_model(model, config)
     # The adapter names the base model as the user did (a hub id stays a hub id), or the demo model's path.
     model.peft_config["default"].base_model_name_or_path = (
