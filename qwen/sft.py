@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -348,12 +349,8 @@ class SFTCollator:
 
     pad_id: int
     packing: bool = False
-    supervised_tokens: int = 0  # counted over every batch made (for the throughput summary)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        self.supervised_tokens += sum(
-            sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features
-        )
         if self.packing:
             ids, labels, positions = [], [], []
             for f in features:
@@ -498,6 +495,18 @@ def save_output(trainer, tokenizer, model, output_dir: str) -> None:
         tokenizer.save_pretrained(output_dir)
         generation_config = getattr(model, "generation_config", None) or model.get_base_model().generation_config
         generation_config.save_pretrained(output_dir)
+        apply_umask(output_dir)
+
+
+def apply_umask(directory: str | os.PathLike) -> None:
+    """Files written private (0600: safetensors >= 0.8 writes through a private temp file) get the mode the
+    user's umask gives every other file, so a Docker mount or another user can read the weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
+            path.chmod(mode)
 
 
 def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_size: str = "2GB",
@@ -527,10 +536,40 @@ def merge_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, shard
     model.save_pretrained(out, max_shard_size=shard_size)
     tokenizer.save_pretrained(out)
     model.generation_config.save_pretrained(out)
+    apply_umask(out)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ train
+
+
+class SFTTrainer(transformers.Trainer):
+    """The HF Trainer, counting the supervised tokens it trains on (evaluation batches are not counted)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_tokens = 0  # supervised next-token targets of every training micro-batch, this process
+        self.add_callback(OnlyRequestedCheckpoints())
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+class OnlyRequestedCheckpoints(transformers.TrainerCallback):
+    """Checkpoints only where --save_strategy/--save_steps put them, as the original's transformers did: since 4.39
+    the Trainer also writes one (optimizer state included) at the last step, next to the final model."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps
+        on_schedule = state.save_steps > 0 and state.global_step % state.save_steps == 0
+        if last and args.save_strategy == transformers.trainer_utils.SaveStrategy.STEPS and not on_schedule:
+            control.should_save = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            apply_umask(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def _peak_memory() -> str:
@@ -567,7 +606,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             print("\n".join(report.lines(max_len)), file=sys.stderr)
 
     collator = SFTCollator(pad_id=eod_id(tokenizer), packing=data_args.packing)
-    trainer = transformers.Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,
@@ -583,7 +622,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     seconds = time.perf_counter() - started
     trainer.save_state()
     save_output(trainer, tokenizer, model, training_args.output_dir)
-    supervised = _all_ranks_sum(collator.supervised_tokens)
+    supervised = _all_ranks_sum(trainer.trained_tokens)
     summary = {
         "samples": train_data.report.samples,
         "truncated": train_data.report.truncated,

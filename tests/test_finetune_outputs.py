@@ -1,0 +1,81 @@
+"""What a fine-tuning run leaves behind and reports: the original launchers' output directory (no extra
+checkpoint with optimizer state at the end), files readable as the user's umask says, and a summary that
+counts the training tokens and the dropped samples."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from qwen.checkpoints import make_tiny_checkpoint
+
+EXAMPLE_DATA = REPO / "examples" / "finetune_data.json"
+# The original finetune.py's LoRA output (transformers 4.37, peft 0.7.1): the adapter, peft's model card, the
+# tokenizer, trainer_state.json and training_args.bin. transformers 5 writes no special_tokens_map.json, and
+# the tokenizer's code comes from `import qwen` instead of a copied tokenization_qwen.py.
+ORIGINAL_LORA_OUTPUT = {"README.md", "adapter_config.json", "adapter_model.safetensors", "qwen.tiktoken",
+                        "tokenizer_config.json", "trainer_state.json", "training_args.bin"}
+OUR_EXTRAS = {"generation_config.json"}  # so every script's -c chats with the right stop tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "chat")
+
+
+def run_as_user(*command: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    """A command from the repository root as a user runs it, under umask 027 (group may read, others not)."""
+    return subprocess.run(["bash", "-c", 'umask 027 && exec "$@"', "bash", *command], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def modes(directory) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in directory.iterdir() if path.is_file()}
+
+
+def test_lora_launcher_writes_what_the_original_wrote_with_the_users_umask(tmp_path, tiny_chat):
+    out, merged = tmp_path / "output_qwen", tmp_path / "merged"
+    result = run_as_user("bash", "finetune/finetune_lora_single_gpu.sh", "-m", str(tiny_chat), "-d", str(EXAMPLE_DATA),
+                         "--", "--output_dir", str(out), "--max_steps", "2", "--gradient_accumulation_steps", "1",
+                         "--model_max_length", "256", env={"MASTER_PORT": "29471"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the launchers' --save_strategy steps --save_steps 1000: no checkpoint-2/ (optimizer state) at the end
+    assert {path.name for path in out.iterdir()} == ORIGINAL_LORA_OUTPUT | OUR_EXTRAS
+    assert set(modes(out).values()) == {0o640}  # the weights too (safetensors writes them 0600)
+
+    result = run_as_user(sys.executable, "-m", "qwen.convert", "merge-lora", str(out), str(merged))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(modes(merged).values()) == {0o640} and "model.safetensors" in modes(merged)
+
+
+def train(argv: list[str]) -> dict:
+    from transformers import HfArgumentParser
+
+    from qwen.sft import ARGUMENT_CLASSES, modernize_argv
+    from qwen.sft import train as run
+
+    return run(*HfArgumentParser(ARGUMENT_CLASSES).parse_args_into_dataclasses(modernize_argv(argv)))
+
+
+def test_summary_counts_training_tokens_and_dropped_samples(tmp_path, tiny_chat, capsys):
+    from qwen.sft import SupervisedDataset, load_conversations
+    from qwen.tokenization_qwen import QWenTokenizer
+
+    data = tmp_path / "data.json"
+    samples = [{"conversations": [{"from": "user", "value": f"Question {i}?"},
+                                  {"from": "assistant", "value": f"Answer number {i}."}]} for i in range(4)]
+    samples.append({"conversations": [{"from": "user", "value": "word " * 200},
+                                      {"from": "assistant", "value": "lost to the cut"}]})
+    data.write_text(json.dumps(samples), encoding="utf-8")
+    summary = train(["--model_name_or_path", str(tiny_chat), "--data_path", str(data), "--eval_data_path",
+                     str(EXAMPLE_DATA), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                     "--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--model_max_length", "64",
+                     "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "no"])
+    expected = SupervisedDataset(load_conversations(data), QWenTokenizer.from_pretrained(tiny_chat), 64).report
+    assert summary["samples"] == 4 and summary["dropped"] == 1 == expected.dropped
+    assert summary["supervised_tokens"] == expected.supervised_tokens  # one epoch; eval batches not counted
+    assert "(1 cut at --model_max_length, 1 dropped)" in capsys.readouterr().err
