@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import load_reference
 
+from bench.finetune_bench import pad_like_original
 from qwen import react
 from qwen.errors import DataError
 from qwen.sft import (
@@ -17,7 +18,6 @@ from qwen.sft import (
     encode_conversation,
     load_conversations,
     modernize_argv,
-    pad_like_original,
 )
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import make_context, make_continuation_context
