@@ -56,6 +56,8 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
             data = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to be fine-tuning data") from None
         records = [(f"{path}, sample {i}", record) for i, record in enumerate(data)]
     else:  # JSONL: one sample per non-empty line
         records = []
@@ -69,6 +71,8 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 raise DataError(
                     f"{where}: not JSON ({exc.msg}); the file must be a JSON list or one JSON object per line"
                 ) from None
+            except RecursionError:
+                raise DataError(f"{where}: nested too deeply to be fine-tuning data") from None
     if not records:
         raise DataError(f"{path}: no samples in the file")
     for where, record in records:
@@ -89,7 +93,9 @@ def _original_turns(record: dict, where: str) -> list[tuple[str, str]]:
         role, value = turn.get("from"), turn.get("value")
         if role not in ORIGINAL_ROLES:
             raise DataError(f"{at}: unknown role {role!r} in \"from\"; use \"user\" or \"assistant\"")
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str):
+            raise DataError(f"{at}: \"value\" must be a string, not {_json_type(value)}")
+        if not value.strip():
             raise DataError(f"{at}: empty \"value\" (every turn needs text)")
         turns.append((role, value))
     if turns[0][0] != "user":  # as the original preprocess(): one leading non-user turn is dropped
@@ -105,8 +111,12 @@ def _messages_turns(record: dict, where: str) -> tuple[str, list[tuple[str, str]
     messages = record["messages"]
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    _check_tool_shapes(record, messages, where)
     for j, message in enumerate(messages):
         content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise DataError(f"{where}, messages[{j}]: \"content\" must be a string or a list of text parts, not "
+                            f"{_json_type(content)}")
         if message.get("role") in ("user", "system", "developer") and not (
             isinstance(content, list) or (isinstance(content, str) and content.strip())
         ):
@@ -120,8 +130,38 @@ def _messages_turns(record: dict, where: str) -> tuple[str, list[tuple[str, str]
         parsed = parse_messages([*messages, {"role": "user", "content": ""}], functions)
     except ReActError as exc:
         raise DataError(f"{where}: {exc}") from None
+    except RecursionError:  # e.g. a tool's "parameters" schema nested hundreds deep
+        raise DataError(f"{where}: nested too deeply to be fine-tuning data") from None
     turns = [(role, text) for query, reply in parsed.history for role, text in (("user", query), ("assistant", reply))]
     return parsed.system, turns
+
+
+TOOL_FORM = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+CALL_FORM = '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "{...}"}}'
+
+
+def _json_type(value) -> str:
+    """A value's type as the data file spells it."""
+    names = {str: "a string", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_tool_shapes(record: dict, messages: list[dict], where: str) -> None:
+    """DataError for tools, functions or tool calls of the wrong JSON type (before qwen.react reads them)."""
+    for key, form in (("tools", TOOL_FORM), ("functions", '{"name": ..., "description": ..., "parameters": {...}}')):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+            raise DataError(f"{where}: \"{key}\" must be a list of {form} objects, not {_json_type(value)}")
+    for j, message in enumerate(messages):
+        calls = message.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+        ):
+            raise DataError(f"{where}, messages[{j}]: \"tool_calls\" must be a list of {CALL_FORM} objects")
+        call = message.get("function_call")
+        if call is not None and not isinstance(call, dict):
+            raise DataError(f"{where}, messages[{j}]: \"function_call\" must be an object "
+                            '{"name": ..., "arguments": "{...}"}')
 
 
 def conversation(record: dict, where: str, default_system: str = DEFAULT_SYSTEM) -> tuple[str, list[tuple[str, str]]]:
