@@ -43,6 +43,8 @@ def test_lora_launcher_writes_what_the_original_wrote_with_the_users_umask(tmp_p
                          "--", "--output_dir", str(out), "--max_steps", "2", "--gradient_accumulation_steps", "1",
                          "--model_max_length", "256", env={"MASTER_PORT": "29471"})
     assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("FutureWarning", "parallel_mode", "Setting accelerator to CPU"):  # nothing the user can act on
+        assert noise not in result.stderr + result.stdout
     # the launchers' --save_strategy steps --save_steps 1000: no checkpoint-2/ (optimizer state) at the end
     assert {path.name for path in out.iterdir()} == ORIGINAL_LORA_OUTPUT | OUR_EXTRAS
     assert set(modes(out).values()) == {0o640}  # the weights too (safetensors writes them 0600)
@@ -79,3 +81,38 @@ def test_summary_counts_training_tokens_and_dropped_samples(tmp_path, tiny_chat,
     assert summary["samples"] == 4 and summary["dropped"] == 1 == expected.dropped
     assert summary["supervised_tokens"] == expected.supervised_tokens  # one epoch; eval batches not counted
     assert "(1 cut at --model_max_length, 1 dropped)" in capsys.readouterr().err
+
+
+def test_a_data_error_under_the_launcher_is_the_last_line(tmp_path, tiny_chat):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": 5}]}]')
+    result = run_as_user("bash", "finetune/finetune_lora_ds.sh", "-m", str(tiny_chat), "-d", str(bad), "--",
+                         "--output_dir", str(tmp_path / "out"), env={"MASTER_PORT": "29472", "GPUS_PER_NODE": "2"})
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert lines[-1] == f'Error: {bad}, sample 0, turn 1: "value" must be a string, not a number'
+    assert lines.count(lines[-1]) == 1  # said once, by rank 0
+
+
+def test_the_launchers_flags_parse_and_load_without_deprecation_warnings(tiny_chat, tmp_path):
+    import shlex
+    import warnings
+
+    from transformers import HfArgumentParser
+
+    from qwen.sft import ARGUMENT_CLASSES, modernize_argv
+    from qwen.sft.model import load_for_training
+
+    command = subprocess.run(["bash", "finetune/finetune_lora_ds.sh", "-m", str(tiny_chat), "-d", str(EXAMPLE_DATA)],
+                             cwd=REPO, env={**os.environ, "FINETUNE_DRY_RUN": "1"}, capture_output=True, text=True,
+                             check=True).stdout
+    argv = shlex.split(command)
+    argv = argv[argv.index(str(REPO / "finetune.py")) + 1:]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model_args, _, training_args, lora_args = HfArgumentParser(ARGUMENT_CLASSES).parse_args_into_dataclasses(
+            modernize_argv(argv))
+        assert training_args.activation_checkpointing and training_args.use_lora
+        training_args.deepspeed = None  # DeepSpeed wants its process group; the LoRA setup is what is checked
+        load_for_training(model_args, training_args, lora_args)

@@ -2,6 +2,7 @@
 combinations that cannot work, made before anything is loaded."""
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ LORA_TARGET_PRESETS = {
 RENAMED_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",
     "--warmup_ratio": "--warmup_steps",  # a float in [0, 1) is a ratio of the total steps
+    "--gradient_checkpointing": "--activation_checkpointing",  # the old name warns (FutureWarning) in transformers 5
+    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
 }
 
 
@@ -64,6 +67,9 @@ class TrainingArguments(transformers.TrainingArguments):
     use_lora: bool = field(default=False)
 
     def __post_init__(self):
+        if not self.deepspeed and not torch.cuda.is_available():
+            # DeepSpeed (imported by accelerate when installed) warns "Setting accelerator to CPU" unless told
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # torchrun on a machine without GPUs: train on the CPU over gloo, with DeepSpeed too. transformers and
         # accelerate only wire DeepSpeed to a GPU backend, so the process group is set up here and handed over.
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -75,6 +81,18 @@ class TrainingArguments(transformers.TrainingArguments):
             else:
                 self.use_cpu = True
         super().__post_init__()
+
+
+class _OneProcessGroupNote(logging.Filter):
+    """Drops transformers' "process group is initialized, but parallel_mode != DISTRIBUTED" warning for one
+    process under torchrun (the launchers' CPU default): accelerate makes a group of one, and nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        return not (one_process and "parallel_mode != ParallelMode.DISTRIBUTED" in record.getMessage())
+
+
+logging.getLogger("transformers.training_args").addFilter(_OneProcessGroupNote())
 
 
 def _deepspeed_state_on_cpu(backend: str) -> None:

@@ -4,6 +4,7 @@ saving the output directory every script loads, and merging an adapter into a fu
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,17 +82,20 @@ def load_for_training(model_args, training_args, lora_args):
         task_type="CAUSAL_LM",
         modules_to_save=None if is_chat_model(model) else list(BASE_MODEL_MODULES_TO_SAVE),
     )
-    if lora_args.q_lora:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training_args.gradient_checkpointing
-        )
-    torch.manual_seed(training_args.seed)  # LoRA A's random init: the same --seed gives the same adapter
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        if lora_args.q_lora:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=training_args.activation_checkpointing
+            )
+        torch.manual_seed(training_args.seed)  # LoRA A's random init: the same --seed gives the same adapter
+        model = get_peft_model(model, config)
     # The adapter names the base model as the user did (a hub id stays a hub id), or the demo model's path.
     model.peft_config["default"].base_model_name_or_path = (
         model_args.model_name_or_path or model.base_model.model.name_or_path
     )
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad
     return model, tokenizer
 
