@@ -116,3 +116,17 @@ def test_the_launchers_flags_parse_and_load_without_deprecation_warnings(tiny_ch
         assert training_args.activation_checkpointing and training_args.use_lora
         training_args.deepspeed = None  # DeepSpeed wants its process group; the LoRA setup is what is checked
         load_for_training(model_args, training_args, lora_args)
+
+
+def test_loaded_lines_name_the_adapter_and_the_4bit_weights(tmp_path, tiny_chat, capsys):
+    from qwen.loading import load_model_and_tokenizer
+
+    out = tmp_path / "qlora"
+    train(["--model_name_or_path", str(tiny_chat), "--data_path", str(EXAMPLE_DATA), "--output_dir", str(out),
+           "--use_lora", "True", "--q_lora", "True", "--lora_r", "4", "--max_steps", "1", "--report_to", "none",
+           "--save_strategy", "no", "--model_max_length", "128"])
+    assert "Loaded chat: nf4 4-bit weights (bitsandbytes), compute float32 on cpu" in capsys.readouterr().err
+    load_model_and_tokenizer(str(out), cpu_only=True)
+    loaded = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Loaded ")]
+    assert loaded == ["Loaded qlora (LoRA adapter on chat, merged in): float32 weights on cpu, KV cache full "
+                      "precision."]
