@@ -130,3 +130,15 @@ def test_loaded_lines_name_the_adapter_and_the_4bit_weights(tmp_path, tiny_chat,
     loaded = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Loaded ")]
     assert loaded == ["Loaded qlora (LoRA adapter on chat, merged in): float32 weights on cpu, KV cache full "
                       "precision."]
+
+
+def test_deepspeed_on_the_cpu_says_it_compiles_only_when_it_will(tmp_path, monkeypatch, capsys):
+    from qwen.sft.train import DEEPSPEED_CPU_OP, _say_if_deepspeed_compiles
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _say_if_deepspeed_compiles()
+    assert capsys.readouterr().err.startswith(f"DeepSpeed on the CPU: compiling its communication op {DEEPSPEED_CPU_OP}")
+    (tmp_path / "py311_cpu" / DEEPSPEED_CPU_OP).mkdir(parents=True)
+    (tmp_path / "py311_cpu" / DEEPSPEED_CPU_OP / f"{DEEPSPEED_CPU_OP}.so").write_bytes(b"")
+    _say_if_deepspeed_compiles()
+    assert capsys.readouterr().err == ""

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.cpp_extension
 import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
@@ -207,6 +208,17 @@ def _out_of_space(exc: BaseException, output_dir: str | os.PathLike) -> bool:
     return False
 
 
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, compiled on its first use
+
+
+def _say_if_deepspeed_compiles() -> None:
+    """DeepSpeed on the CPU compiles its communication op the first time, silently, for minutes: say so."""
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
+    if not any(build.glob(f"**/{DEEPSPEED_CPU_OP}/*.so")):
+        print(f"DeepSpeed on the CPU: compiling its communication op {DEEPSPEED_CPU_OP} once (a few minutes on a "
+              f"small machine, needs a C++ compiler; cached under {build})", file=sys.stderr, flush=True)
+
+
 def _peak_memory() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
@@ -251,6 +263,8 @@ def _run(model_args, data_args, training_args, lora_args, resume: str | None, st
         for report in [train_data.report] + ([eval_data.report] if eval_data else []):
             print("\n".join(report.lines(max_len)), file=sys.stderr)
 
+    if main_process and training_args.deepspeed and not torch.cuda.is_available():
+        _say_if_deepspeed_compiles()
     collator = SFTCollator(pad_id=eod_id(tokenizer), packing=data_args.packing)
     trainer = SFTTrainer(
         model=model,
