@@ -64,8 +64,19 @@ def make_samples(count: int, max_len: int, seed: int, vocab: int):
     return samples
 
 
+def pad_like_original(sample, max_len: int, pad_id: int) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, attention_mask) as the original collated every sample: right-padded with
+    <|endoftext|> to `max_len`, and the mask `ids != <|endoftext|>` (which also hid real ones)."""
+    from qwen.sft import IGNORE_INDEX
+
+    pad = max_len - len(sample.input_ids)
+    ids = sample.input_ids + [pad_id] * pad
+    labels = sample.labels + [IGNORE_INDEX] * pad
+    return ids, labels, [int(token != pad_id) for token in ids]
+
+
 def collate(variant: str, samples, max_len: int, pad_id: int) -> dict:
-    from qwen.sft import SFTCollator, pad_like_original
+    from qwen.sft import SFTCollator
 
     if variant == "original":
         rows = [pad_like_original(sample, max_len, pad_id) for sample in samples]

@@ -8,7 +8,7 @@
 #
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node through torchrun's rendezvous) and
 # GPUS_PER_NODE (default: every GPU; without GPUs the launchers train on the CPU over gloo, 1 process unless
-# GPUS_PER_NODE says more). FINETUNE_DRY_RUN=1 prints the torchrun command instead of running it.
+# GPUS_PER_NODE says more). FINETUNE_DRY_RUN=1 prints the command instead of running it. -h prints all of it.
 set -euo pipefail
 
 # The original launchers' training flags; METHOD (full | lora | qlora) picks the rows that differ.
@@ -47,7 +47,28 @@ TRAIN_ARGS=(
 )
 
 usage() {
-    echo "Usage: bash $0 [-m MODEL] [-d DATA]${DS_CONFIG_PATH:+ [--deepspeed CONFIG]} [-- finetune.py flags...]"
+    cat <<EOF
+Usage: bash $0 [-m MODEL] [-d DATA]${DS_CONFIG_PATH:+ [--deepspeed CONFIG]} [-- finetune.py flags...]
+
+  -m, --model PATH_OR_ID  checkpoint to fine-tune: hub id or directory (default: the offline demo model)
+  -d, --data PATH         training data, a JSON list or JSONL file (required; see the README's Fine-tuning)
+${DS_CONFIG_PATH:+  --deepspeed PATH        DeepSpeed config (default: ${DS_CONFIG_PATH})
+}  -- FLAGS...             passed on to finetune.py, overriding the defaults below (python finetune.py -h)
+  -h, --help              this help
+
+Training flags ($METHOD):
+  ${TRAIN_ARGS[*]}
+  on a GPU also: ${GPU_PRECISION_ARGS[*]} (fp32 on the CPU)
+
+Environment:
+  GPUS_PER_NODE   processes on this machine (default: every GPU; without GPUs 1, on the CPU over gloo)
+  NNODES          machines (default 1); NODE_RANK this machine's rank (default 0)
+  MASTER_ADDR     rank 0's address (default localhost); MASTER_PORT its port (default 6001)
+  FINETUNE_DRY_RUN=1  print the command instead of running it
+
+Ctrl-C (or SIGTERM) saves a checkpoint in the output directory after the current step; add
+-- --resume_from_checkpoint True to the same command to continue from it.
+EOF
 }
 
 EXTRA_ARGS=()
@@ -92,7 +113,9 @@ if [[ -n "${DS_CONFIG_PATH:-}" ]]; then
 fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CMD=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+# torchrun through qwen.sft.launch: a worker's own error or interruption message stays the last line
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+CMD=(python -m qwen.sft.launch --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
     "$REPO/finetune.py"
     "${MODEL_ARGS[@]}"

@@ -206,6 +206,7 @@ def load_model_and_tokenizer(
     revision: str | None = None,
     demo_if_none: bool = True,
     use_cache_quantization: bool | None = None,
+    describe: bool = True,
     **model_kwargs,
 ):
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
@@ -215,7 +216,7 @@ def load_model_and_tokenizer(
     model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
     `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`. GPTQ Int4/Int8 checkpoints load through
     GPT-QModel (qwen.quantize); use_cache_quantization=True overrides config.json and stores the KV cache in int8.
-    One line on stderr says what was loaded.
+    One line on stderr says what was loaded (describe=False: the caller says it).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,8 +247,21 @@ def load_model_and_tokenizer(
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
     suppress_undecodable(model.generation_config, tokenizer, model)  # also plain generate()
-    print(describe_model(model, checkpoint_name(str(path))), file=sys.stderr)
+    if describe:
+        print(loaded_line(model, checkpoint_name(str(path))), file=sys.stderr)
     return model.eval(), tokenizer
+
+
+def loaded_line(model, name: str) -> str:
+    """describe_model's line, naming bitsandbytes 4-bit weights (Q-LoRA) as such rather than by their dtype."""
+    line = describe_model(model, name)
+    quantization = getattr(model.config, "quantization_config", None)
+    if getattr(model, "is_loaded_in_4bit", False) and quantization is not None:
+        kind = getattr(quantization, "bnb_4bit_quant_type", "4-bit")
+        compute = str(getattr(quantization, "bnb_4bit_compute_dtype", model.dtype)).removeprefix("torch.")
+        dtype = str(model.dtype).removeprefix("torch.")
+        line = line.replace(f"{dtype} weights", f"{kind} 4-bit weights (bitsandbytes), compute {compute}", 1)
+    return line
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
@@ -268,8 +282,10 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
         base = base or json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path / ADAPTER_CONFIG} is unreadable or names no base model ({exc}).") from exc
-    model, tokenizer = load_model_and_tokenizer(base, **load_kwargs)
+    model, tokenizer = load_model_and_tokenizer(base, describe=False, **load_kwargs)
     model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    adapter = f"{checkpoint_name(str(path))} (LoRA adapter on {checkpoint_name(str(base))}, merged in)"
+    print(loaded_line(model, adapter), file=sys.stderr)
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     if (path / "generation_config.json").is_file():

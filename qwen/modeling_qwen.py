@@ -462,6 +462,9 @@ class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: QWenConfig):
         super().__init__(config)
+        # transformers derives the loss from the class name, and "QWenLMHeadModel" matches none: declared, the
+        # Trainer counts shifted labels (labels[..., 1:]) for num_items_in_batch, as the loss itself does.
+        self.loss_type = "ForCausalLM"
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

@@ -169,7 +169,8 @@ def test_every_launcher_builds_the_original_torchrun_command(tmp_path):
         command = subprocess.run(["bash", f"finetune/{name}", "-m", "Qwen/Qwen-7B-Chat", "-d", str(EXAMPLE_DATA),
                                   "--", "--num_train_epochs", "1"], cwd=REPO, env=env, capture_output=True,
                                  text=True, check=True).stdout
-        assert command.startswith("torchrun --nproc_per_node 1 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1")
+        assert command.startswith("python -m qwen.sft.launch --nproc_per_node 1 --nnodes 2 --node_rank 1 "
+                                  "--master_addr 10.0.0.1")
         assert f"--model_name_or_path Qwen/Qwen-7B-Chat --data_path {EXAMPLE_DATA}" in command
         assert command.rstrip().endswith("--num_train_epochs 1")
         assert ("--use_lora True" in command) == ("lora" in name) and ("--q_lora True" in command) == ("qlora" in name)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import load_reference
 
+from bench.finetune_bench import pad_like_original
 from qwen import react
 from qwen.errors import DataError
 from qwen.sft import (
@@ -17,7 +18,6 @@ from qwen.sft import (
     encode_conversation,
     load_conversations,
     modernize_argv,
-    pad_like_original,
 )
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import make_context, make_continuation_context
@@ -129,6 +129,24 @@ def test_tool_calls_train_on_the_prompt_the_api_server_builds(tok):
         ('{"messages": [{"role": "user", "content": "q"}]}\n', "the last message must be the assistant's reply"),
         ('{"text": "plain"}\n', "no \"conversations\" (original format) or \"messages\""),
         ("\n", "no samples in the file"),
+        ('[{"conversations": [{"from": "user", "value": 5}]}]', 'sample 0, turn 0: "value" must be a string, not a number'),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "x"}\n',
+         'sample 0 (line 1): "tools" must be a list of {"type": "function", "function": {"name"'),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "functions": "x"}\n',
+         'sample 0 (line 1): "functions" must be a list of {"name"'),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": ["x"]}\n',
+         '"tools" must be a list of'),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "bad"}]}\n',
+         'sample 0 (line 1), messages[1]: "tool_calls" must be a list of {"id"'),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": ["bad"]}]}\n',
+         'messages[1]: "tool_calls" must be a list of'),
+        ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}\n',
+         'messages[0]: "content" must be a string or a list of text parts, not a number'),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply to be fine-tuning data"),
+        ('{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "sample 0 (line 1): nested too deeply"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": [{"type": '
+         '"function", "function": {"name": "f", "parameters": ' + '{"items": ' * 900 + "{}" + "}" * 900 + "}}]}\n",
+         "nested too deeply"),
     ],
 )
 def test_bad_data_names_the_file_the_sample_and_the_problem(tmp_path, content, problem):
