@@ -7,6 +7,8 @@ default system prompt, as model.chat): the original evaluate_chat_*.py questions
 
 from __future__ import annotations
 
+import re
+
 from .data import CHOICES, ChoiceQuestion
 
 SHOTS = 5  # the original's k for MMLU, C-Eval and CMMLU
@@ -57,8 +59,13 @@ def gsm8k_prompt(few_shot: str, question: str) -> str:
 
 GSM8K_STOPS = ["\n\n", "Question:"]  # where the original cut a base model's GSM8K answer
 
-HUMANEVAL_CHAT_INSTRUCTION = "Help me fill the following code.\n"
-
-
 def humaneval_chat_query(problem: dict) -> str:
-    return HUMANEVAL_CHAT_INSTRUCTION + problem["prompt"]
+    """evaluate_chat_humaneval.py's (HEAD) humanevalpack prompt: the signature, the docstring's lines stripped,
+    then the problem's prompt. ValueError when the prompt has no `def entry_point(...):` or no docstring."""
+    signature = re.search(rf"def\s+({problem['entry_point']}.*?):\s*\n", problem["prompt"])
+    docstring = re.search(r"(?:\"\"\"|''')(.*?)(?:\"\"\"|''')", problem["prompt"], re.DOTALL)
+    if signature is None or docstring is None:
+        raise ValueError(f"{problem['task_id']}: the prompt has no `def {problem['entry_point']}(...):` with a docstring")
+    description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return (f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n"
+            f"{problem['prompt']}")
