@@ -14,6 +14,8 @@ GOLDEN = load_reference("eval/original_golden.json")
 def test_original_gsm8k_readings_match_the_original_scripts():
     for case in GOLDEN["gsm8k_base"]:
         assert extract.original_gsm8k_base_correct(case["completion"], case["answer"]) == case["correct"], case
+        read = extract.original_gsm8k_base_answer(case["completion"])
+        assert (repr("[invalid]") if read is None else str(int(read))) == case["extracted"], case
     for case in GOLDEN["gsm8k_chat"]:
         assert extract.original_gsm8k_chat_answer(case["completion"]) == case["extracted"], case
         assert extract.original_gsm8k_chat_correct(case["completion"], case["answer"]) == case["correct"], case

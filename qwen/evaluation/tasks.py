@@ -37,6 +37,14 @@ class Sample:
 
 Row = tuple[str, float, int]  # (name, score in %, samples)
 
+# where each benchmark's data comes from (the commands are in eval/EVALUATION.md)
+SOURCES = {
+    "mmlu": "https://people.eecs.berkeley.edu/~hendrycks/data.tar",
+    "ceval": "https://huggingface.co/datasets/ceval/ceval-exam (ceval-exam.zip)",
+    "cmmlu": "https://huggingface.co/datasets/haonan-li/cmmlu (cmmlu_v1_0_1.zip)",
+    "gsm8k": "test.jsonl of https://github.com/openai/grade-school-math",
+}
+
 
 def percent(values: list[float]) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
@@ -198,7 +206,7 @@ class ChoiceTask(Task):
     def __init__(self, layout: data.ChoiceLayout, title: str, average: str, cut_to_max_seq_len: bool):
         self.layout, self.name, self.title, self.average = layout, layout.name, title, average
         self.cut_to_max_seq_len = cut_to_max_seq_len  # only evaluate_mmlu.py kept the last max_seq_len - 1 tokens
-        self.data_help = f"the unpacked {title} download (see eval/EVALUATION.md)"
+        self.data_help = f"the unpacked {title} download: {SOURCES[layout.name]}"
 
     def add_arguments(self, parser):
         parser.add_argument("--no-prefix-sharing", action="store_true",
@@ -269,7 +277,7 @@ class ChatChoiceTask(Task):
     def __init__(self, layout: data.ChoiceLayout, title: str, average: str, language: str):
         self.layout, self.title, self.average, self.language = layout, title, average, language
         self.name = f"chat_{layout.name}"
-        self.data_help = f"the unpacked {title} download (see eval/EVALUATION.md)"
+        self.data_help = f"the unpacked {title} download: {SOURCES[layout.name]}"
 
     def load(self, args):
         return load_choice_samples(self.layout, self.title, args)
@@ -330,7 +338,7 @@ class Gsm8kTask(Task):
     """evaluate_gsm8k.py: 8-shot (eval/gsm8k_prompt.txt), the completion cut at a blank line or "Question:"."""
 
     name, title = "gsm8k", "GSM8K"
-    data_help = "GSM8K test.jsonl (or its folder): openai/grade-school-math (see eval/EVALUATION.md)"
+    data_help = f"GSM8K test.jsonl (or its folder): {SOURCES['gsm8k']}"
     decoding = GREEDY_DECODING
 
     def __init__(self, few_shot_file: Path | None):
@@ -444,6 +452,7 @@ class HumanEvalTask(Task):
         records = humaneval_records(chunk, [extract.truncate_completion(t) for t in texts],
                                     [extract.original_humaneval_cut(t) for t in texts], args)
         for s, text, record in zip(chunk, texts, records, strict=True):
+            record["generation"] = text  # before either cut: an empty completion shows why it is empty
             debug_print(args, s.item["prompt"], text, f"{s.id}: {record['result']} "
                                                        f"(original cut: {record['original_result']})")
         return records
@@ -501,7 +510,8 @@ class PluginTask(Task):
 
     name, title = "plugin", "Tool use (ReAct)"
     default_data = "data"
-    data_help = "folder of the plugin exam files (default: eval/data; download: see eval/EVALUATION.md)"
+    data_help = ("folder of the plugin exam files (default: eval/data), from "
+                 "https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam_plugin_v20231206/")
     decoding = GREEDY_DECODING
 
     def add_arguments(self, parser):
