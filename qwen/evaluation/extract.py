@@ -239,6 +239,12 @@ def extract_choice(response: str, choices: dict[str, str], language: str = "en",
 # ------------------------------------------------------------------------------------------------- ReAct
 
 
+def original_react_action(text: str) -> str:
+    """evaluate_plugin.py's process_res: the text between "Action:" and "Action Input:" (str.find-based)."""
+    text += "\n"
+    return text[text.find("Action:") + len("Action:") : text.find("Action Input:")].strip()
+
+
 def react_call(text: str) -> tuple[str, str] | None:
     """(action, action input) of the tool call in a ReAct answer, or None when it calls no tool."""
     call = parse_response(text).function_call

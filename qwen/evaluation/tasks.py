@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_generation_utils import DEFAULT_SYSTEM, encode_plain, eod_id, make_context
+from qwen_generation_utils import encode_plain, eod_id
 
 from .. import react
 from ..errors import DataError, UsageError
@@ -60,19 +60,6 @@ def both_scores(records: list[dict], corrected: str, original: str) -> dict:
 def both_rows(name: str, scores: dict, count: int) -> list[Row]:
     return [(f"{name} (original method)", scores["original"], count),
             (f"{name} (corrected)", scores["corrected"], count)]
-
-
-def chat_stop_ids(tokenizer) -> list[int]:
-    from qwen_generation_utils import get_stop_words_ids
-
-    return sorted({ids[0] for ids in get_stop_words_ids("chatml", tokenizer) if len(ids) == 1} | {eod_id(tokenizer)})
-
-
-def chat_prompt_ids(model, tokenizer, query: str) -> list[int]:
-    """The prompt model.chat(tokenizer, query) builds: ChatML, default system prompt, the model's window."""
-    window = getattr(model.generation_config, "max_window_size", None)
-    kwargs = {"max_window_size": window} if window else {}
-    return make_context(tokenizer, query, system=DEFAULT_SYSTEM, **kwargs)[1]
 
 
 def require_chat(model, task: str) -> None:
@@ -291,8 +278,8 @@ class ChatChoiceTask(Task):
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
         queries = [prompts.chat_choice_query(self.layout.name, s.item) for s in chunk]
-        ids = [chat_prompt_ids(model, tokenizer, q) for q in queries]
-        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer))
+        ids = [prompts.chat_prompt_ids(model, tokenizer, q) for q in queries]
+        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
         records = []
         for s, query, response in zip(chunk, queries, responses, strict=True):
             pred = extract.extract_choice(response, s.item.options, self.language, s.item.question)
@@ -381,8 +368,8 @@ class ChatGsm8kTask(Task):
 
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
-        ids = [chat_prompt_ids(model, tokenizer, s.item["question"]) for s in chunk]
-        completions = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer))
+        ids = [prompts.chat_prompt_ids(model, tokenizer, s.item["question"]) for s in chunk]
+        completions = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
         records = []
         for s, completion in zip(chunk, completions, strict=True):
             record = gsm8k_record(s, completion, extract.original_gsm8k_chat_correct(completion, s.item["answer"]))
@@ -482,8 +469,8 @@ class ChatHumanEvalTask(Task):
 
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
-        ids = [chat_prompt_ids(model, tokenizer, s.extra["query"]) for s in chunk]
-        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer))
+        ids = [prompts.chat_prompt_ids(model, tokenizer, s.extra["query"]) for s in chunk]
+        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
         pairs = list(zip(chunk, responses, strict=True))
         records = humaneval_records(chunk, [extract.extract_chat_code(r, s.item["entry_point"]) for s, r in pairs],
                                     [extract.original_chat_code(r, s.item["entry_point"]) for s, r in pairs], args)
@@ -497,12 +484,6 @@ class ChatHumanEvalTask(Task):
 
 
 # ----------------------------------------------------------------------------------------------- plugin
-
-
-def original_react_action(text: str) -> str:
-    """evaluate_plugin.py's process_res: the text between "Action:" and "Action Input:" (str.find-based)."""
-    text += "\n"
-    return text[text.find("Action:") + len("Action:") : text.find("Action Input:")].strip()
 
 
 class PluginTask(Task):
@@ -539,9 +520,9 @@ class PluginTask(Task):
 
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
-        ids = [chat_prompt_ids(model, tokenizer, s.item["prompt"]) for s in chunk]
+        ids = [prompts.chat_prompt_ids(model, tokenizer, s.item["prompt"]) for s in chunk]
         texts = self.generate(
-            model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(tokenizer),
+            model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer),
             should_stop=lambda text: any(stop in text for stop in react.STOP_WORDS),
         )
         return [self.record(s, text, tokenizer, args) for s, text in zip(chunk, texts, strict=True)]
@@ -553,8 +534,8 @@ class PluginTask(Task):
             gold = extract.react_call(s.item["response"]) or ("", "")
             record["gold_action"] = gold[0]
             record["action_correct"] = call is not None and call[0].strip().lower() == gold[0].strip().lower()
-            record["original_action_correct"] = (original_react_action(text).lower()
-                                                 == original_react_action(s.item["response"]).lower())
+            record["original_action_correct"] = (extract.original_react_action(text).lower()
+                                                 == extract.original_react_action(s.item["response"]).lower())
             got, want = extract.normalize_json(call[1]) if call else "", extract.normalize_json(gold[1])
             record["action_input_rouge_l"] = extract.rouge_l(
                 encode_plain(tokenizer, want) if want else [], encode_plain(tokenizer, got) if got else []
