@@ -10,6 +10,6 @@ from qwen.scripts import quiet_libraries  # noqa: E402
 
 if __name__ == "__main__":
     quiet_libraries()  # before the libraries are imported: their import-time chatter stays off the terminal
-    from qwen.evaluation.tasks import main
+    from qwen.evaluation.runner import main
 
     main("chat_gsm8k", eval_dir=EVAL_DIR)

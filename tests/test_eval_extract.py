@@ -1,10 +1,71 @@
-"""Answer extraction: the original eval scripts' known failure cases, and the HumanEval completion cut."""
+"""Answer extraction: the original's readings reproduced (golden cases from running the original eval scripts'
+functions, tests/data/eval/original_golden.json), the corrected readings, and the HumanEval completion cuts."""
 
 from decimal import Decimal
 
 import pytest
+from conftest import load_reference
 
 from qwen.evaluation import extract
+
+GOLDEN = load_reference("eval/original_golden.json")
+
+
+def test_original_gsm8k_readings_match_the_original_scripts():
+    for case in GOLDEN["gsm8k_base"]:
+        assert extract.original_gsm8k_base_correct(case["completion"], case["answer"]) == case["correct"], case
+        read = extract.original_gsm8k_base_answer(case["completion"])
+        assert (repr("[invalid]") if read is None else str(int(read))) == case["extracted"], case
+    for case in GOLDEN["gsm8k_chat"]:
+        assert extract.original_gsm8k_chat_answer(case["completion"]) == case["extracted"], case
+        assert extract.original_gsm8k_chat_correct(case["completion"], case["answer"]) == case["correct"], case
+    for case in GOLDEN["gsm8k_chat_reference"]:  # HEAD's chat script reads "#### 1,000" as 1000
+        assert extract.original_gsm8k_chat_answer(case["answer"]) == case["extracted"]
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("所以她每天赚18美元。", "18"), ("答案是540", "540"), ("He paid $.75", "0.75"),  # the original chat script read these
+    ("The answer is 1,000", "1000"),
+])
+def test_corrected_gsm8k_reads_what_the_original_chat_script_read(completion, expected):
+    original = next(c for c in GOLDEN["gsm8k_chat"] if c["completion"] == completion)
+    assert original["correct"]  # the oracle: the original got it right
+    assert extract.extract_gsm8k_answer(completion) == Decimal(expected)
+
+
+def test_original_humaneval_cuts_match_the_original_scripts():
+    for case in GOLDEN["humaneval_cut"]:
+        assert extract.original_humaneval_cut(case["text"]) == case["completion"]
+    for case in GOLDEN["chat_humaneval_extract_code"]:
+        assert extract.original_chat_code(case["response"], case["entry_point"]) == case["completion"]
+
+
+def test_chat_code_keeps_helpers_after_the_entry_point():
+    response = GOLDEN["chat_humaneval_extract_code"][0]["response"]
+    assert "def helper" in GOLDEN["chat_humaneval_extract_code"][0]["completion"]  # the original kept it
+    completion = extract.extract_chat_code(response, "add")
+    program = "def add(a, b):\n" + completion + "\nassert add(1, 2) == 3\n"
+    exec(compile(program, "chat_code", "exec"), {})
+
+
+def test_chat_code_keeps_the_imports_above_the_function():
+    case = next(c for c in GOLDEN["chat_humaneval_extract_code"] if c["entry_point"] == "root")
+    assert "import math" not in case["completion"]  # the original dropped it
+    completion = extract.extract_chat_code(case["response"], "root")
+    scope = {}
+    exec(compile("def root(x):\n" + completion + "\nvalue = root(9.0)\n", "chat_code", "exec"), scope)
+    assert scope["value"] == 3.0
+
+
+def test_chat_choice_letters_match_the_original_scripts():
+    # one case reaches the fuzzy fallback ("None of these": no letter at all), where the original used thefuzz
+    for case in GOLDEN["chat_mmlu"]:
+        if case["response"] != "None of these":
+            assert extract.extract_choice(case["response"], case["options"]) == case["pred"], case
+    for case in GOLDEN["chat_ceval"]:
+        row = case["row"]
+        options = {c: row[c] for c in "ABCD"}
+        assert extract.extract_choice(case["response"], options, "zh", row["question"]) == case["pred"], case
 
 
 @pytest.mark.parametrize(
@@ -78,7 +139,7 @@ def test_humaneval_completion_ends_at_the_next_top_level_statement():
 
 def test_chat_code_takes_the_body_of_the_entry_point():
     response = "Here it is:\n```python\ndef add(a, b):\n    \"\"\"Sum.\"\"\"\n\n    return a + b\n```\nDone."
-    assert extract.extract_chat_code(response, "add") == '    """Sum."""\n\n    return a + b\n'
+    assert extract.extract_chat_code(response, "add") == '    """Sum."""\n\n    return a + b'
     assert extract.extract_chat_code("return a + b", "add") == "    return a + b"
 
 
@@ -118,3 +179,13 @@ def test_react_call_and_rouge_l():
     assert extract.rouge_l([1, 2, 3, 4], []) == 0.0
     # LCS 3 of 4 and 5: P = 3/5, R = 3/4, F = 2PR/(P+R)
     assert extract.rouge_l([1, 2, 3, 4], [1, 9, 2, 3, 8]) == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+
+
+def test_chat_humaneval_prompt_is_the_originals_byte_for_byte():
+    from qwen.evaluation import prompts
+    from qwen.evaluation.data import load_humaneval
+
+    problems = {p["task_id"]: p for p in load_humaneval()}
+    assert len(GOLDEN["chat_humaneval_prompts"]) == 5
+    for case in GOLDEN["chat_humaneval_prompts"]:
+        assert prompts.humaneval_chat_query(problems[case["task_id"]]).encode() == case["query"].encode()

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import REFERENCE, REPO
 
-from qwen.evaluation.tasks import main
+from qwen.evaluation.runner import main
 
 FIXTURES = REFERENCE / "eval"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,6 +24,7 @@ def demo(demo_checkpoint):
 
 
 def run(name, tmp_path, *flags):
+    tmp_path.mkdir(exist_ok=True)
     out = tmp_path / f"{name}_res.jsonl"
     summary = main(name, ["-o", str(out), *map(str, flags)], eval_dir=REPO / "eval")
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -39,7 +40,11 @@ def run(name, tmp_path, *flags):
 ])
 def test_choice_benchmark_end_to_end(tmp_path, name, subjects, category, max_seq_len):
     summary, records = run(name, tmp_path, "-d", FIXTURES / name, "--limit", 1, "--max-seq-len", max_seq_len)
-    assert summary["settings"]["max_seq_len"] == max_seq_len
+    assert summary["settings"]["max_seq_len"] is None  # only MMLU's original cut its prompts
+    if max_seq_len < 2048:  # the whole 5-shot prompt is scored whatever --max-seq-len says
+        _, uncut = run(name, tmp_path / "uncut", "-d", FIXTURES / name, "--limit", 1, "--no-prefix-sharing")
+        for r, u in zip(records, uncut, strict=True):
+            assert r["probs"] == pytest.approx(u["probs"], abs=1e-5)
     assert {r["subject"] for r in records} == subjects and len(records) == 2
     for r in records:
         assert abs(sum(r["probs"].values()) - 1) < 1e-5 and r["pred"] == max(r["probs"], key=r["probs"].get)
@@ -68,14 +73,22 @@ def test_mmlu_end_to_end_resumes(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_gsm8k_end_to_end(tmp_path):
+def test_gsm8k_end_to_end(tmp_path, capsys):
     summary, records = run("gsm8k", tmp_path, "-f", FIXTURES / "gsm8k" / "test.jsonl", "--limit", 1,
-                           "--max-new-tokens", 16)
+                           "--max-new-tokens", 16, "--debug")
     [record] = records
+    printed = capsys.readouterr().out  # --debug: the prompt and the answer
+    assert "Question: " + record["question"] in printed and record["completion"] in printed
     assert record["reference"] == "10" and record["question"].startswith("Tom has 3 boxes")
     assert "\n\n" not in record["completion"] and "Question:" not in record["completion"]
     assert record["correct"] == (record["pred"] == "10")
     assert summary["metrics"]["accuracy"] == 100.0 * record["correct"]
+    # both scores from the one completion: the original's reading and the corrected one
+    from qwen.evaluation import extract
+
+    assert record["original_correct"] == extract.original_gsm8k_base_correct(record["completion"], "#### 10")
+    scores = summary["metrics"]["scores"]
+    assert scores["original"] == 100.0 * record["original_correct"] and scores["corrected"] == 100.0 * record["correct"]
 
 
 def test_chat_scripts_end_to_end(tmp_path):
@@ -95,6 +108,10 @@ def test_chat_scripts_end_to_end(tmp_path):
     [record] = records
     assert record["task_id"] == "HumanEval/0" and record["response"]
     assert record["result"] in {"passed", "failed", "timed out"}
+    from qwen.evaluation import extract
+
+    assert record["original_completion"] == extract.original_chat_code(record["response"], "has_close_elements")
+    assert set(summary["metrics"]["scores"]) == {"original", "corrected", "questions_that_differ"}
 
 
 def test_plugin_end_to_end(tmp_path):
@@ -140,6 +157,17 @@ def test_humaneval_limit_20_real_script(tmp_path):
     passed = sum(r["passed"] for r in records)
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["metrics"]["pass@1"] == pytest.approx(100 * passed / 20)
+    original = sum(r["original_passed"] for r in records)
+    assert summary["metrics"]["scores"]["original"] == pytest.approx(100 * original / 20)
+    # the cuts eat nothing: a completion is empty only when the model's own text starts a column-0 line (the demo,
+    # an instruct model, often answers "```" right after the docstring)
+    from qwen.evaluation import extract
+
+    for r in records:
+        assert r["completion"] == extract.truncate_completion(r["generation"])
+        assert r["original_completion"] == extract.original_humaneval_cut(r["generation"])
+        if not r["completion"].strip():
+            assert r["generation"].lstrip("\n")[:1] not in (" ", "\t")
     assert "pass@1" in done.stdout
     print(f"\ndemo model HumanEval --limit 20: {passed}/20 passed")
 

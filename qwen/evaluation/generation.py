@@ -3,14 +3,15 @@
 All prompts are submitted to one Engine; it keeps up to `batch_size` of them decoding together and admits the
 next as soon as one finishes. A prompt ends at a stop token, at `max_new_tokens`, or as soon as its text
 satisfies `should_stop` (e.g. "\\n\\n" after a GSM8K answer, a top-level statement after a HumanEval body): the
-request is cancelled so its row is freed for the next prompt. Greedy: temperature 0, as the original's
-do_sample=False.
+request is cancelled so its row is freed for the next prompt. Decoding follows the original scripts: the
+checkpoint's generation_config with each script's overrides on top (`overrides`), always greedy (do_sample=False):
+e.g. a -Chat checkpoint's repetition_penalty 1.1 stays on unless the script set it to 1.0.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from qwen_generation_utils import IncrementalDetokenizer
 
@@ -18,6 +19,12 @@ from ..chat_backend import chat_engine
 from ..engine import PromptTooLongError, SamplingParams, TokenEvent
 
 PROMPT_TOO_LONG = "[prompt too long]"
+
+
+def decoding_params(model, overrides: Mapping | None, **fields) -> SamplingParams:
+    """Greedy sampling parameters: `fields`, then the script's `overrides`, then the checkpoint's generation_config."""
+    requested = {**(overrides or {}), **fields, "temperature": 0.0}
+    return SamplingParams.resolve(requested, getattr(model, "generation_config", None))
 
 
 def generate_texts(
@@ -31,9 +38,10 @@ def generate_texts(
     batch_size: int = 8,
     max_context: int | None = None,
     on_done: Callable[[], None] | None = None,
+    overrides: Mapping | None = None,
 ) -> list[str]:
     """The greedy continuation text of each prompt (special tokens skipped), in the order of `prompts`."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
+    params = decoding_params(model, overrides, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids))
     engine = chat_engine(model, tokenizer, max_batch_size=batch_size, max_queue=max(batch_size, len(prompts)),
                          max_context=max_context)
 
@@ -72,4 +80,4 @@ def generate_texts(
     return result
 
 
-__all__ = ["PROMPT_TOO_LONG", "generate_texts"]
+__all__ = ["PROMPT_TOO_LONG", "decoding_params", "generate_texts"]

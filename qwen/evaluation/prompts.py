@@ -7,6 +7,10 @@ default system prompt, as model.chat): the original evaluate_chat_*.py questions
 
 from __future__ import annotations
 
+import re
+
+from qwen_generation_utils import DEFAULT_SYSTEM, eod_id, make_context
+
 from .data import CHOICES, ChoiceQuestion
 
 SHOTS = 5  # the original's k for MMLU, C-Eval and CMMLU
@@ -57,8 +61,26 @@ def gsm8k_prompt(few_shot: str, question: str) -> str:
 
 GSM8K_STOPS = ["\n\n", "Question:"]  # where the original cut a base model's GSM8K answer
 
-HUMANEVAL_CHAT_INSTRUCTION = "Help me fill the following code.\n"
-
-
 def humaneval_chat_query(problem: dict) -> str:
-    return HUMANEVAL_CHAT_INSTRUCTION + problem["prompt"]
+    """evaluate_chat_humaneval.py's (HEAD) humanevalpack prompt: the signature, the docstring's lines stripped,
+    then the problem's prompt. ValueError when the prompt has no `def entry_point(...):` or no docstring."""
+    signature = re.search(rf"def\s+({problem['entry_point']}.*?):\s*\n", problem["prompt"])
+    docstring = re.search(r"(?:\"\"\"|''')(.*?)(?:\"\"\"|''')", problem["prompt"], re.DOTALL)
+    if signature is None or docstring is None:
+        raise ValueError(f"{problem['task_id']}: the prompt has no `def {problem['entry_point']}(...):` with a docstring")
+    description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return (f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n"
+            f"{problem['prompt']}")
+
+
+def chat_stop_ids(tokenizer) -> list[int]:
+    from qwen_generation_utils import get_stop_words_ids
+
+    return sorted({ids[0] for ids in get_stop_words_ids("chatml", tokenizer) if len(ids) == 1} | {eod_id(tokenizer)})
+
+
+def chat_prompt_ids(model, tokenizer, query: str) -> list[int]:
+    """The prompt model.chat(tokenizer, query) builds: ChatML, default system prompt, the model's window."""
+    window = getattr(model.generation_config, "max_window_size", None)
+    kwargs = {"max_window_size": window} if window else {}
+    return make_context(tokenizer, query, system=DEFAULT_SYSTEM, **kwargs)[1]

@@ -85,8 +85,10 @@ def format_table(title: str, rows: list[tuple[str, float, int]]) -> str:
     return "\n".join(lines)
 
 
-def plot_bars(path: str | Path, title: str, rows: list[tuple[str, float, int]], ylabel: str = "score (%)") -> None:
-    """A bar chart of the table's rows (an overall "Average" row, when last, in another colour)."""
+def plot_bars(path: str | Path, title: str, rows: list[tuple[str, float, int]], ylabel: str = "score (%)",
+              chance: float | None = None) -> None:
+    """A bar chart of the table's rows (an overall "Average" row, when last, in another colour), with a dashed
+    line at `chance` (the score of random answers) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +104,9 @@ def plot_bars(path: str | Path, title: str, rows: list[tuple[str, float, int]], 
     ax.bar_label(bars, labels=[f"{s:.1f}" for s in scores], fontsize=8)
     ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:g}%)")
+        ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, max(100.0, max(scores, default=0) * 1.1))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
