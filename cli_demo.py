@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     with exit_on_user_error():
-        model, tokenizer = load_checkpoint(args)
+        model, tokenizer = load_checkpoint(args, qwen_only=True)  # the chat runs QWen's chat_stream
     try:
         config = apply_conf(model.generation_config, overrides)
     except UserInputError as exc:

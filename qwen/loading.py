@@ -197,6 +197,7 @@ def load_model_and_tokenizer(
     revision: str | None = None,
     demo_if_none: bool = True,
     use_cache_quantization: bool | None = None,
+    qwen_only: bool = False,
     **model_kwargs,
 ):
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
@@ -206,7 +207,8 @@ def load_model_and_tokenizer(
     model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
     `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`. GPTQ Int4/Int8 checkpoints load through
     GPT-QModel (qwen.quantize); use_cache_quantization=True overrides config.json and stores the KV cache in int8.
-    One line on stderr says what was loaded.
+    qwen_only=True refuses any other architecture (e.g. a to-qwen2 export) before loading, for callers that use
+    QWen's own methods (chat_stream). One line on stderr says what was loaded.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,8 +222,10 @@ def load_model_and_tokenizer(
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
     if (path / ADAPTER_CONFIG).is_file():
-        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only,
+        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only, qwen_only=qwen_only,
                                        use_cache_quantization=use_cache_quantization, **model_kwargs)
+    if qwen_only:
+        refuse_other_architectures(path)
     config = check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device)
@@ -241,6 +245,22 @@ def load_model_and_tokenizer(
     return model.eval(), tokenizer
 
 
+def refuse_other_architectures(path: Path) -> None:
+    """CheckpointError (one line) when config.json names another architecture than Qwen (v1)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # check_checkpoint() names what is wrong with the file
+    model_type = config.get("model_type")
+    if model_type in (None, "qwen"):
+        return
+    export = " (a `python -m qwen.convert to-qwen2` export, for vLLM / SGLang)" if model_type == "qwen2" else ""
+    raise CheckpointError(
+        f"{path} holds a {model_type!r} model{export}, not Qwen (v1); this script chats through Qwen (v1)'s own "
+        "code: pass the Qwen (v1) checkpoint itself (for an export, the directory it was exported from)."
+    )
+
+
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
 
 
@@ -250,7 +270,7 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
     generation_config saved beside the adapter."""
     if importlib.util.find_spec("peft") is None:
         raise CheckpointError(
-            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements-finetune.txt"
+            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements.txt"
         )
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
