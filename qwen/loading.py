@@ -17,7 +17,7 @@ import torch
 from qwen_generation_utils import suppress_undecodable
 
 from .errors import CheckpointError
-from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs
+from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs, model_gptq, run_kernels_eagerly
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -176,7 +176,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[str(dtype).lower()]
 
 
-def _demo_path() -> Path:
+def demo_path() -> Path:
+    """The offline demo model's directory (prepared once), announced in one line on stderr."""
     from .demo import DEMO_LICENSE, DEMO_NAME, demo_checkpoint
 
     path = demo_checkpoint()
@@ -218,7 +219,7 @@ def load_model_and_tokenizer(
     if checkpoint is None:
         if not demo_if_none:
             raise CheckpointError("No checkpoint given: pass -c Qwen/Qwen-7B-Chat or -c /path/to/checkpoint.")
-        path = _demo_path()
+        path = demo_path()
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
     if (path / ADAPTER_CONFIG).is_file():
@@ -240,6 +241,8 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
+    if model_gptq(model) is not None:
+        run_kernels_eagerly(model)  # no per-Linear recompiles (and dynamo's warning) during the first answer
     suppress_undecodable(model.generation_config, tokenizer, model)  # also plain generate()
     print(describe_model(model, checkpoint_name(str(path))), file=sys.stderr)
     return model.eval(), tokenizer
@@ -290,5 +293,5 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
 
 
 __all__ = [
-    "CheckpointError", "check_checkpoint", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
+    "CheckpointError", "check_checkpoint", "demo_path", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
 ]

@@ -14,6 +14,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from qwen.compat import CACHE_ARG, cache_kwargs
 from qwen_generation_utils import encode_plain
 
+pytest_plugins = ["heartbeat"]  # a line a minute while a long test runs (tests/heartbeat.py)
+
 REPO = Path(__file__).resolve().parents[1]
 # Golden data produced by the original 2023 code (see tests/data/README.md); part of the repository.
 REFERENCE = REPO / "tests" / "data"
