@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO
 
 from qwen.checkpoints import make_tiny_checkpoint
@@ -54,6 +55,7 @@ def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
             os.killpg(bench.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
     from bench.serve_bench import process_state, running_server
 

@@ -162,6 +162,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a QWen (v1) checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_model_export_keeps_its_tokenizer_and_greedy_answer(demo_checkpoint, tmp_path):
     export_qwen2(demo_checkpoint, tmp_path)
     ours = QWenLMHeadModel.from_pretrained(demo_checkpoint, dtype=torch.float32).eval()

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test needs a real GPT-QModel quantization (minutes on 2 cores)
 pytest.importorskip("gptqmodel", reason="needs requirements-gptq.txt")
 pytest.importorskip("optimum", reason="needs requirements-gptq.txt")
 
