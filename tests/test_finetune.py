@@ -152,6 +152,7 @@ def run_finetune(*args: str, env: dict | None = None) -> subprocess.CompletedPro
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_user_mistakes_exit_2_with_one_clear_line_before_loading(tmp_path, tiny_chat):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},'
@@ -167,6 +168,7 @@ def test_user_mistakes_exit_2_with_one_clear_line_before_loading(tmp_path, tiny_
         assert "Loading weights" not in result.stderr  # found before the model was loaded
 
 
+@pytest.mark.slow
 def test_every_launcher_builds_the_original_torchrun_command(tmp_path):
     env = {**os.environ, "FINETUNE_DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}
     for name in LAUNCHERS:
@@ -240,6 +242,7 @@ def test_demo_model_learns_a_fact_it_cannot_know(tmp_path, demo_checkpoint):
     assert "Bluebird" in ask_cli(merged, BLUEBIRD_QUESTIONS[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_finetune_bench_runs_and_prints_the_ratio(tmp_path, method):
     plot = tmp_path / "bench.png"
