@@ -25,6 +25,7 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_decode_bench_runs_and_prints_the_ratio():
     small = ["--layers", "1", "--hidden-size", "64", "--heads", "4", "--mlp-width", "128", "--vocab-size", "1000",
              "--new-tokens", "4", "--prefill-tokens", "16", "--runs", "1"]  # fmt: skip

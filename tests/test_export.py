@@ -42,6 +42,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_same_logits_and_greedy_ids_up_to_seq_length(tiny, exported):
     ours, theirs = _models(tiny, exported)
     ids = torch.randint(0, 151643, (2, SEQ_LENGTH), generator=torch.Generator().manual_seed(0))

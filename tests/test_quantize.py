@@ -388,3 +388,15 @@ def test_finetune_q_lora_on_an_int4_checkpoint_then_merge_into_the_full_model(ti
     with torch.no_grad():
         assert (merged(ids).logits - original(ids).logits).abs().max() > 1e-3  # the adapter is in the weights
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+def test_run_gptq_defaults_to_the_demo_model(demo_checkpoint, int4, calibration_file, capsys):
+    """Without --model_name_or_path, as every other script: the offline demo model (here up to the output check)."""
+    sys.path.insert(0, str(REPO))
+    import run_gptq
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_gptq.main(["--data_path", str(calibration_file), "--out_path", str(int4)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Running the offline demo model" in err and f"Quantizing {demo_checkpoint} to GPTQ Int4" in err
+    assert "exists and is not empty" in err
