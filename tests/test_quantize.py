@@ -68,6 +68,8 @@ def run_gptq(tiny, calibration_file, out, bits):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(out.parent) == [out.name]  # nothing else left in the working directory (GPT-QModel's logs)
+    # not a terminal: a few lines, not GPT-QModel's progress bars redrawn hundreds of times
+    assert len((result.stdout + result.stderr).splitlines()) <= 10, result.stdout[-2000:] + result.stderr[-2000:]
     return out
 
 
