@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with exit_on_user_error():
         seed = parse_seed(str(args.seed))  # before loading: a bad seed costs no wait
-        model, tokenizer = load_checkpoint(args)
+        model, tokenizer = load_checkpoint(args, qwen_only=True)  # the chat runs QWen's chat_stream
         require_chat_model(model.generation_config, "cli_demo.py")
         config = apply_conf(model.generation_config, overrides)
     session = ChatSession(model, tokenizer, config, system=args.system, seed=seed)

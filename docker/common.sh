@@ -9,6 +9,7 @@ CONTAINER_NAME=""
 PORT=""
 USE_GPU=1
 NETWORK=""
+BASE_PATH=""
 EXTRA_ARGS=()
 CONTAINER_CHECKPOINT=/models/checkpoint
 
@@ -20,6 +21,7 @@ die() {
 usage_and_exit() {
     echo "Usage: $0 [-i IMAGE] -c CHECKPOINT_PATH [-n CONTAINER_NAME] [--port PORT] [--cpu] [--network host] $USAGE_MORE" >&2
     echo "  IMAGE defaults to \$QWEN_IMAGE or qwen:cuda (build it: see docker/Dockerfile)." >&2
+    echo "  A LoRA adapter as CHECKPOINT_PATH brings its base checkpoint along (the path it names, or --base DIR)." >&2
     exit "${1:-2}"
 }
 
@@ -32,6 +34,7 @@ parse_common_args() {
             --port) PORT="${2:?--port needs a number}"; shift 2 ;;
             --cpu) USE_GPU=0; shift ;;
             --network) NETWORK="${2:?--network needs a value}"; shift 2 ;;
+            --base) BASE_PATH="${2:?--base needs a path}"; shift 2 ;;
             -h|--help) usage_and_exit 0 ;;
             --) shift; EXTRA_ARGS+=("$@"); break ;;
             *) if declare -F parse_more_args >/dev/null && parse_more_args "$@"; then shift "$SHIFT_BY";
@@ -56,8 +59,21 @@ common_run_args() {
     [[ -n "$CONTAINER_NAME" ]] && RUN_ARGS+=(--name "$CONTAINER_NAME")
     [[ -n "$NETWORK" ]] && RUN_ARGS+=(--network "$NETWORK")
     if [[ "$USE_GPU" == 1 ]]; then RUN_ARGS+=(--gpus all); fi
+    adapter_base_mount
     SCRIPT_ARGS=(-c "$CONTAINER_CHECKPOINT")
     if [[ "$USE_GPU" == 0 ]]; then SCRIPT_ARGS+=(--cpu-only); fi
+}
+
+# A LoRA adapter (finetune.py --use_lora output) names its base checkpoint by path, /models/NAME when it was
+# trained with docker_finetune.sh: mount the base read-only at that path, from --base DIR or from the same path here.
+adapter_base_mount() {
+    [[ -f "$CHECKPOINT_PATH/adapter_config.json" ]] || return 0
+    local named
+    named="$(sed -n 's/^ *"base_model_name_or_path": *"\([^"]*\)".*/\1/p' "$CHECKPOINT_PATH/adapter_config.json")"
+    [[ "$named" == /* ]] || return 0   # a hub id: the container resolves it like any other
+    local source="${BASE_PATH:-$named}"
+    [[ -d "$source" ]] || die "$CHECKPOINT_PATH is a LoRA adapter on $named, which is not on this machine: pass the base checkpoint with --base DIR."
+    RUN_ARGS+=(--mount "type=bind,source=$(cd "$source" && pwd),target=$named,readonly")
 }
 
 # A server's port: published as PORT:PORT, or (--network host) listened on directly.

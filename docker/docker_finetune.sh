@@ -4,7 +4,9 @@
 #   bash docker/docker_finetune.sh ... -l finetune_qlora_single_gpu.sh -- --extra-launcher-args
 # The model and the data are mounted read-only; OUTPUT_DIR is the only writable mount and gets the files
 # (mounted where the launchers write, output_qwen/) owned by you (the container runs with your uid; as the image's `qwen` user when you are root).
-# Build the image with --build-arg EXTRAS="api web finetune" (peft, deepspeed).
+# Build the image with --build-arg EXTRAS="api web finetune" (deepspeed, bitsandbytes). A LoRA adapter records its
+# base as /models/NAME (the base's path in this container): serve it with
+#   bash docker/docker_openai_api.sh -i IMAGE -c OUTPUT_DIR --base CHECKPOINT_PATH
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 USAGE_MORE="-d DATA_FILE -o OUTPUT_DIR [-l LAUNCHER] [-- LAUNCHER_ARGS...]"
@@ -32,11 +34,13 @@ if [[ "$(id -u)" == 0 ]]; then
 else
     RUN_ARGS+=(--user "$(id -u):$(id -g)" -e HOME=/tmp -e HF_HOME=/tmp/huggingface)
 fi
+echo "Training in $IMAGE_NAME; the output goes to $OUTPUT_DIR. A LoRA adapter serves with: bash docker/docker_openai_api.sh -i $IMAGE_NAME -c $OUTPUT_DIR --base $CHECKPOINT_PATH" >&2
 tty_flags=()
 if [[ -t 0 && -t 1 ]]; then tty_flags=(-it); fi
 exec docker run --rm "${tty_flags[@]}" --no-healthcheck --shm-size 8g "${RUN_ARGS[@]}" \
     --mount "type=bind,source=$DATA_FILE,target=/data/$(basename "$DATA_FILE"),readonly" \
     --mount "type=bind,source=$OUTPUT_DIR,target=/app/output_qwen" \
     "$IMAGE_NAME" \
-    bash "finetune/$LAUNCHER" -m "$CONTAINER_CHECKPOINT" -d "/data/$(basename "$DATA_FILE")" \
+    bash -c 'python -c "import importlib.util as u, sys; sys.exit(u.find_spec(\"deepspeed\") is None)" || { echo "Error: this image has no fine-tuning packages: build it with --build-arg EXTRAS=\"api web finetune\" (see docker/Dockerfile)." >&2; exit 2; }; exec bash "$@"' \
+    finetune "finetune/$LAUNCHER" -m "$CONTAINER_CHECKPOINT" -d "/data/$(basename "$DATA_FILE")" \
     "${EXTRA_ARGS[@]}"

@@ -2,7 +2,8 @@
 
 The server turns `tools` into the ReAct prompt the Qwen chat models were trained on and the model's
 "Action: / Action Input:" back into OpenAI `tool_calls` (streamed too). Use a Qwen-Chat checkpoint
-(`python openai_api.py -c Qwen/Qwen-7B-Chat`); the tiny offline demo model does not know the format.
+(`python openai_api.py -c Qwen/Qwen-7B-Chat`); the tiny offline demo model does not know the format, and when no
+tool is called the script says so and exits with status 1.
 
     python examples/function_call.py [--base-url http://127.0.0.1:8000/v1] [--api-key KEY] [--stream]
 """
@@ -10,6 +11,7 @@ The server turns `tools` into the ReAct prompt the Qwen chat models were trained
 import argparse
 import json
 import os
+import sys
 
 from openai import OpenAI
 
@@ -79,6 +81,11 @@ def main() -> None:
         message = ask(client, model, messages, args.stream)
         messages.append(message)
         if not message.get("tool_calls"):
+            if len(messages) == 2:  # the first answer, and no tool was called: say so, never pass it off as one
+                print(f"The model made no tool call; its answer did not come from a tool: {message.get('content')}")
+                print("(The offline demo model cannot call tools: serve a Qwen-Chat checkpoint, e.g. "
+                      "python openai_api.py -c Qwen/Qwen-7B-Chat.)", file=sys.stderr)
+                raise SystemExit(1)
             print("Answer:", message.get("content"))
             return
         for call in message["tool_calls"]:

@@ -288,7 +288,7 @@ class Repl:
             self.say("\n[stopped; this answer is not kept in the history]")
         except Exception as exc:  # a failed generation ends this turn only; the conversation goes on
             self.say(f"\n[the answer failed ({type(exc).__name__}: {exc}); it is not kept in the history, "
-                     "the conversation so far is]")
+                     "the conversation so far is kept]")
 
     def cmd_help(self, arg: str) -> None:
         self.say(HELP)

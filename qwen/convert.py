@@ -47,7 +47,10 @@ def _command_demo(args) -> None:
 
 
 def _command_merge_lora(args) -> None:
+    from .quantize import quiet_gptqmodel
     from .sft import merge_lora
+
+    quiet_gptqmodel()  # peft imports GPT-QModel where it is installed: no banner in the merge's output
 
     print(f"merged checkpoint written to {merge_lora(args.adapter_dir, args.out_dir, args.shard_size, args.base)}")
 

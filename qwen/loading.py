@@ -17,7 +17,14 @@ import torch
 from qwen_generation_utils import suppress_undecodable
 
 from .errors import CheckpointError
-from .quantize import check_gptq_checkpoint, describe_model, gptq_load_kwargs, gptq_quantization
+from .quantize import (
+    check_gptq_checkpoint,
+    describe_model,
+    gptq_load_kwargs,
+    gptq_quantization,
+    model_gptq,
+    run_kernels_eagerly,
+)
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -185,7 +192,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str, config: dict | N
     return DTYPES[str(dtype).lower()]
 
 
-def _demo_path() -> Path:
+def demo_path() -> Path:
+    """The offline demo model's directory (prepared once), announced in one line on stderr."""
     from .demo import DEMO_LICENSE, DEMO_NAME, demo_checkpoint
 
     path = demo_checkpoint()
@@ -207,6 +215,7 @@ def load_model_and_tokenizer(
     demo_if_none: bool = True,
     use_cache_quantization: bool | None = None,
     describe: bool = True,
+    qwen_only: bool = False,
     **model_kwargs,
 ):
     """(model, tokenizer) for a checkpoint directory, a hub id, or (None) the offline demo model.
@@ -216,7 +225,8 @@ def load_model_and_tokenizer(
     model.generation_config with Qwen's keys (chat_format, max_window_size, stop_words_ids) kept.
     `model_kwargs` go to `AutoModelForCausalLM.from_pretrained`. GPTQ Int4/Int8 checkpoints load through
     GPT-QModel (qwen.quantize); use_cache_quantization=True overrides config.json and stores the KV cache in int8.
-    One line on stderr says what was loaded (describe=False: the caller says it).
+    One line on stderr says what was loaded (describe=False: the caller says it). qwen_only=True refuses any other
+    architecture (e.g. a to-qwen2 export) before loading, for callers that use QWen's own methods (chat_stream).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,12 +236,14 @@ def load_model_and_tokenizer(
     if checkpoint is None:
         if not demo_if_none:
             raise CheckpointError("No checkpoint given: pass -c Qwen/Qwen-7B-Chat or -c /path/to/checkpoint.")
-        path = _demo_path()
+        path = demo_path()
     else:
         path = resolve_checkpoint(str(checkpoint), revision)
     if (path / ADAPTER_CONFIG).is_file():
-        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only,
+        return load_adapter_checkpoint(path, device=device, dtype=dtype, cpu_only=cpu_only, qwen_only=qwen_only,
                                        use_cache_quantization=use_cache_quantization, **model_kwargs)
+    if qwen_only:
+        refuse_other_architectures(path)
     config = check_checkpoint(path)
     device = resolve_device(device, cpu_only)
     torch_dtype = resolve_dtype(dtype, device, config)
@@ -246,6 +258,8 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
+    if model_gptq(model) is not None:
+        run_kernels_eagerly(model)  # no per-Linear recompiles (and dynamo's warning) during the first answer
     suppress_undecodable(model.generation_config, tokenizer, model)  # also plain generate()
     if describe:
         print(loaded_line(model, checkpoint_name(str(path))), file=sys.stderr)
@@ -264,6 +278,22 @@ def loaded_line(model, name: str) -> str:
     return line
 
 
+def refuse_other_architectures(path: Path) -> None:
+    """CheckpointError (one line) when config.json names another architecture than Qwen (v1)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # check_checkpoint() names what is wrong with the file
+    model_type = config.get("model_type")
+    if model_type in (None, "qwen"):
+        return
+    export = " (a `python -m qwen.convert to-qwen2` export, for vLLM / SGLang)" if model_type == "qwen2" else ""
+    raise CheckpointError(
+        f"{path} holds a {model_type!r} model{export}, not Qwen (v1); this script chats through Qwen (v1)'s own "
+        "code: pass the Qwen (v1) checkpoint itself (for an export, the directory it was exported from)."
+    )
+
+
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: the directory is a LoRA adapter on a base checkpoint
 
 
@@ -273,7 +303,7 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
     generation_config saved beside the adapter."""
     if importlib.util.find_spec("peft") is None:
         raise CheckpointError(
-            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements-finetune.txt"
+            f"{path} is a LoRA adapter; loading it needs peft: pip install -r requirements.txt"
         )
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
@@ -295,5 +325,5 @@ def load_adapter_checkpoint(path: Path, base: str | None = None, **load_kwargs):
 
 
 __all__ = [
-    "CheckpointError", "check_checkpoint", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
+    "CheckpointError", "check_checkpoint", "demo_path", "load_adapter_checkpoint", "load_model_and_tokenizer", "resolve_checkpoint",
 ]

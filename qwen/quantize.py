@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -106,6 +107,38 @@ def _as_dict(config) -> dict:
     return {"quantization_config": quantization}
 
 
+def run_kernels_eagerly(model) -> None:
+    """Undo GPT-QModel's torch.compile of TorchLinear.dequantize_weight on every quantized Linear of `model`.
+
+    The compiled function is shared by all Linears and guards on each one's buffer shapes and on its zero-point
+    cache key (the qzeros tensor's id), so every Linear recompiles (seconds each) until torch._dynamo's
+    recompile_limit (8); dynamo then prints a warning in the middle of the first answer and runs the remaining
+    Linears eagerly anyway. Eager for all of them: the same arithmetic, no compile time, no warning.
+    """
+    for module in model.modules():
+        if type(module).__module__.startswith("gptqmodel.") and "dequantize_weight" in vars(module):
+            del module.dequantize_weight  # the instance's compiled wrapper; the class's method remains
+
+
+def quiet_gptqmodel() -> None:
+    """Keep GPT-QModel's start-up chatter out of a person's terminal; call before anything imports gptqmodel.
+
+    Its import prints a banner, "Python GIL is enabled" and "Auto setting CUDA_DEVICE_ORDER" through LogBar's
+    shared logger (named "logbar", set to INFO when created): create that logger now, at WARNING, and set the two
+    environment variables it would announce (CUDA_DEVICE_ORDER=PCI_BUS_ID is GPT-QModel's own choice).
+    """
+    if importlib.util.find_spec("logbar") is None:
+        return
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    import logging
+
+    from logbar import LogBar
+
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its creation prints a blank line
+        LogBar.shared().setLevel(logging.WARNING)
+
+
 def kernel_name(model) -> str | None:
     """The GPT-QModel kernel class behind a GPTQ model's quantized Linears (e.g. TorchAtenLinear, MarlinLinear)."""
     for module in model.modules():
@@ -163,9 +196,14 @@ def quantize(
     quantize_config = QuantizeConfig(
         bits=bits, group_size=group_size, desc_act=False, sym=True, damp_percent=GPTQ_DAMP_PERCENT,
     )
-    # GPT-QModel writes a ./logs directory wherever it runs: keep it out of the user's working directory
-    # (out/quant_log.csv keeps the per-module losses).
-    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+    # GPT-QModel redraws its progress bars on stdout many times a second: on a terminal that is progress, in a
+    # log file thousands of lines, so away from a terminal it stays quiet (out/quant_log.csv has the losses).
+    with contextlib.ExitStack() as stack:
+        if not sys.stdout.isatty():
+            print("GPT-QModel's progress bars show on a terminal only; quantizing ...", file=sys.stderr, flush=True)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        # GPT-QModel writes a ./logs directory wherever it runs: keep it out of the user's working directory.
+        stack.enter_context(contextlib.chdir(stack.enter_context(tempfile.TemporaryDirectory())))
         model = GPTQModel.load(str(source), quantize_config)
         model.quantize(calibration, batch_size=batch_size)  # GPT-QModel shows a progress bar per layer
         model.save(str(out))
@@ -202,4 +240,6 @@ __all__ = [
     "kernel_name",
     "model_gptq",
     "quantize",
+    "quiet_gptqmodel",
+    "run_kernels_eagerly",
 ]

@@ -149,8 +149,11 @@ def quiet_libraries() -> None:
     """
     from transformers.utils import logging as hf_logging
 
+    from .quantize import quiet_gptqmodel
+
     hf_logging.set_verbosity_error()
     hf_logging.set_tqdm_hook(_without_loading_bar)
+    quiet_gptqmodel()  # its import-time banner and notes (GPTQ checkpoints, and peft imports it when installed)
     logging.captureWarnings(True)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")

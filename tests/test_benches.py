@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO
 
 from qwen.checkpoints import make_tiny_checkpoint
@@ -24,6 +25,7 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_decode_bench_runs_and_prints_the_ratio():
     small = ["--layers", "1", "--hidden-size", "64", "--heads", "4", "--mlp-width", "128", "--vocab-size", "1000",
              "--new-tokens", "4", "--prefill-tokens", "16", "--runs", "1"]  # fmt: skip
@@ -55,6 +57,7 @@ def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
             os.killpg(bench.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_serve_bench_drives_a_peer_with_the_same_load(tmp_path):
     from bench.serve_bench import process_state, running_server
 

@@ -82,6 +82,7 @@ def test_cli_session_in_a_pty(cli, demo_tokenizer, tmp_path):
     assert cli.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_ctrl_d_at_the_prompt_exits_cleanly(cli):
     cli.sendeof()
     cli.expect(pexpect.EOF)
@@ -89,6 +90,7 @@ def test_ctrl_d_at_the_prompt_exits_cleanly(cli):
     assert cli.exitstatus == 0 and "Traceback" not in (cli.before or "")
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_clear_line():
     result = subprocess.run(
         [sys.executable, "cli_demo.py", "-c", "/no/such/dir"], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -26,6 +26,7 @@ DOCKER_DIR = REPO / "docker"
 LAUNCHERS = sorted(DOCKER_DIR.glob("docker_*.sh"))
 BASE_TAG = os.environ.get("QWEN_DOCKER_BASE", "qwen-local/debian:bookworm")
 IMAGE_TAG = "qwen-test:cpu"
+FINETUNE_TAG = "qwen-test:finetune"
 WHEEL_PORT = 38765
 
 
@@ -63,6 +64,19 @@ def test_launchers_reject_bad_options(script, tmp_path):
     assert port.returncode == 2 and "--port must be a number" in port.stderr
     unknown = run("--bogus")
     assert unknown.returncode == 2 and "unknown option --bogus" in unknown.stderr
+
+
+def test_an_adapter_without_its_base_says_to_pass_base(tmp_path):
+    if shutil.which("docker") is None:
+        pytest.skip("docker is not installed (the launchers check for it first)")
+    adapter = tmp_path / "output_qwen"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{\n  "base_model_name_or_path": "/models/Base-Chat",\n  "r": 8\n}')
+    done = subprocess.run(["bash", str(DOCKER_DIR / "docker_openai_api.sh"), "--cpu", "-c", str(adapter)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (f"Error: {adapter} is a LoRA adapter on /models/Base-Chat, which is not on this machine: "
+                           "pass the base checkpoint with --base DIR.\n")
 
 
 # ---- the image ---------------------------------------------------------------------------------------------
@@ -139,11 +153,11 @@ def wheel_server():
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def image(docker_env, wheel_server):
+def _build(docker_env, wheel_server, tag: str, extras: str) -> str:
     command, env = docker_env
-    command = [*command, "--network", "host", "-f", str(DOCKER_DIR / "Dockerfile"), "-t", IMAGE_TAG,
-               "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "VARIANT=cpu"]  # fmt: skip
+    command = [*command, "--network", "host", "-f", str(DOCKER_DIR / "Dockerfile"), "-t", tag,
+               "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "VARIANT=cpu",
+               "--build-arg", f"EXTRAS={extras}"]  # fmt: skip
     if wheel_server:  # the CPU torch wheel is on this machine, not on PyTorch's index (unreachable here)
         command += ["--build-arg", f"PIP_FIND_LINKS={wheel_server}", "--build-arg", "TORCH_INDEX="]
     cert = _pip_config().get("cert")
@@ -152,8 +166,19 @@ def image(docker_env, wheel_server):
     started = time.monotonic()
     done = _run([*command, str(REPO)], env={**os.environ, **env})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"\nimage {IMAGE_TAG} built in {time.monotonic() - started:.0f} s")
-    return IMAGE_TAG
+    print(f"\nimage {tag} built in {time.monotonic() - started:.0f} s")
+    return tag
+
+
+@pytest.fixture(scope="module")
+def image(docker_env, wheel_server):
+    return _build(docker_env, wheel_server, IMAGE_TAG, "api web")
+
+
+@pytest.fixture(scope="module")
+def finetune_image(docker_env, wheel_server):
+    """The README's fine-tuning image: DeepSpeed (source only on PyPI) is built with its ops off."""
+    return _build(docker_env, wheel_server, FINETUNE_TAG, "api web finetune")
 
 
 def _health(container: str) -> str:
@@ -189,6 +214,49 @@ def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpo
             max_tokens=24,
         )
         model, tokenizer = load_model_and_tokenizer(str(demo_checkpoint), cpu_only=True)
+        expected, _ = model.chat(tokenizer, question, history=[], max_new_tokens=24, do_sample=False)
+        assert reply.choices[0].message.content == expected
+    finally:
+        _run(["docker", "rm", "-f", name])
+
+
+def test_finetune_image_trains_an_adapter_that_the_api_image_serves(image, finetune_image, demo_checkpoint,
+                                                                     tmp_path):
+    """docker_finetune.sh trains LoRA on the demo model in the fine-tuning image (one step); the adapter, with its
+    base mounted by --base, serves in the API image and answers as the same adapter loaded outside Docker."""
+    from openai import OpenAI
+
+    from qwen.loading import load_adapter_checkpoint
+
+    output = tmp_path / "output_qwen"
+    data = REPO / "examples" / "finetune_data.json"
+    trained = _run(["bash", str(DOCKER_DIR / "docker_finetune.sh"), "-i", finetune_image, "--cpu", "-c",
+                    str(demo_checkpoint), "-d", str(data), "-o", str(output), "--", "--", "--max_steps", "1",
+                    "--model_max_length", "256"], timeout=3600)  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "Fine-tuning done." in trained.stdout + trained.stderr
+    assert (output / "adapter_config.json").is_file()
+
+    refused = _run(["bash", str(DOCKER_DIR / "docker_finetune.sh"), "-i", image, "--cpu", "-c", str(demo_checkpoint),
+                    "-d", str(data), "-o", str(tmp_path / "other")])  # fmt: skip
+    assert refused.returncode == 2 and "this image has no fine-tuning packages" in refused.stderr
+
+    name, port = f"qwen-test-adapter-{os.getpid()}", _free_port()
+    started = _run(["bash", str(DOCKER_DIR / "docker_openai_api.sh"), "-i", image, "--cpu", "--network", "host",
+                    "-c", str(output), "--base", str(demo_checkpoint), "--port", str(port), "-n", name])  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 300
+        while _health(name) != "healthy":
+            assert _health(name) in ("starting", ""), _run(["docker", "logs", name]).stderr[-3000:]
+            assert time.monotonic() < deadline, "not healthy after 300 s"
+            time.sleep(3)
+        question = "What is the capital of France?"
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.chat.completions.create(
+            model=output.name, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24,
+        )
+        model, tokenizer = load_adapter_checkpoint(output, base=str(demo_checkpoint), cpu_only=True)
         expected, _ = model.chat(tokenizer, question, history=[], max_new_tokens=24, do_sample=False)
         assert reply.choices[0].message.content == expected
     finally:

@@ -36,6 +36,7 @@ def alone(model, prompt, n):
     return [e for e in handle if isinstance(e, TokenEvent)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen", "llama", "qwen-packed"])
 def test_staggered_joins_and_cancels_match_each_request_alone(name):
     model = _build(name.removesuffix("-packed"))

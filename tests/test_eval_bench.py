@@ -3,11 +3,13 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from qwen.checkpoints import make_tiny_checkpoint
 
 
+@pytest.mark.slow
 def test_eval_bench_runs_and_prints_the_ratio(tmp_path):
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
     done = subprocess.run(

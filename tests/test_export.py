@@ -42,6 +42,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_same_logits_and_greedy_ids_up_to_seq_length(tiny, exported):
     ours, theirs = _models(tiny, exported)
     ids = torch.randint(0, 151643, (2, SEQ_LENGTH), generator=torch.Generator().manual_seed(0))
@@ -162,6 +163,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a QWen (v1) checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_model_export_keeps_its_tokenizer_and_greedy_answer(demo_checkpoint, tmp_path):
     export_qwen2(demo_checkpoint, tmp_path)
     ours = QWenLMHeadModel.from_pretrained(demo_checkpoint, dtype=torch.float32).eval()

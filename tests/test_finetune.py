@@ -51,6 +51,7 @@ def logits(model, ids) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits.float()
 
 
+@pytest.mark.slow
 def test_full_finetune_memorizes_then_resumes(tmp_path, tiny_chat):
     out = tmp_path / "full"
     common = ["--model_name_or_path", str(tiny_chat), "--data_path", str(EXAMPLE_DATA), "--output_dir", str(out),
@@ -72,6 +73,7 @@ def test_full_finetune_memorizes_then_resumes(tmp_path, tiny_chat):
     assert model.generation_config.chat_format == "chatml" and tokenizer.eod_id == 151643
 
 
+@pytest.mark.slow
 def test_lora_on_a_base_model_loads_everywhere_and_merges(tmp_path, tiny_base):
     from peft import AutoPeftModelForCausalLM
 
@@ -101,6 +103,7 @@ def test_lora_on_a_base_model_loads_everywhere_and_merges(tmp_path, tiny_base):
     torch.testing.assert_close(logits(full, ids), expected, rtol=0.05, atol=0.05)  # bf16 rounding of the merge
 
 
+@pytest.mark.slow
 def test_lora_bias_all_trains_saves_and_loads_the_biases(tmp_path, tiny_chat):
     """--lora_bias all (the original's save path lost the biases): they train, are saved with the adapter and
     come back when the adapter is loaded."""
@@ -121,6 +124,7 @@ def test_lora_bias_all_trains_saves_and_loads_the_biases(tmp_path, tiny_chat):
         assert any(torch.equal(trained, value) for value in biases.values())  # and loaded from the adapter
 
 
+@pytest.mark.slow
 def test_qlora_trains_adapters_on_4bit_weights_on_the_cpu(tmp_path, tiny_chat):
     from bitsandbytes.nn import Linear4bit
 
@@ -148,6 +152,7 @@ def run_finetune(*args: str, env: dict | None = None) -> subprocess.CompletedPro
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_user_mistakes_exit_2_with_one_clear_line_before_loading(tmp_path, tiny_chat):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},'
@@ -163,6 +168,7 @@ def test_user_mistakes_exit_2_with_one_clear_line_before_loading(tmp_path, tiny_
         assert "Loading weights" not in result.stderr  # found before the model was loaded
 
 
+@pytest.mark.slow
 def test_every_launcher_builds_the_original_torchrun_command(tmp_path):
     env = {**os.environ, "FINETUNE_DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}
     for name in LAUNCHERS:
@@ -237,6 +243,7 @@ def test_demo_model_learns_a_fact_it_cannot_know(tmp_path, demo_checkpoint):
     assert "Bluebird" in ask_cli(merged, BLUEBIRD_QUESTIONS[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_finetune_bench_runs_and_prints_the_ratio(tmp_path, method):
     plot = tmp_path / "bench.png"

@@ -268,3 +268,27 @@ def test_modelscope_is_the_fallback_hub(monkeypatch, tmp_path, checkpoints):
 def test_no_checkpoint_and_no_demo():
     with pytest.raises(CheckpointError, match="No checkpoint given: pass -c Qwen/Qwen-7B-Chat"):
         load_model_and_tokenizer(None, demo_if_none=False)
+
+
+@pytest.mark.slow
+def test_chat_refuses_a_qwen2_export_at_load_with_one_line(checkpoints, tmp_path):
+    """cli_demo.py chats through QWen's chat_stream: a to-qwen2 export (for vLLM) is refused before loading."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from qwen.convert import main as convert
+
+    export = tmp_path / "tiny-qwen2"
+    assert convert(["to-qwen2", str(checkpoints["safetensors"]), str(export)]) == 0
+    with pytest.raises(CheckpointError, match=r"'qwen2' model \(a `python -m qwen.convert to-qwen2` export"):
+        load_model_and_tokenizer(str(export), cpu_only=True, qwen_only=True)
+    done = subprocess.run([sys.executable, "cli_demo.py", "-c", str(export)], cwd=REPO, input="Hello\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"Error: {export} holds a 'qwen2' model (a `python -m qwen.convert to-qwen2` export, for vLLM / SGLang), "
+        "not Qwen (v1); this script chats through Qwen (v1)'s own code: pass the Qwen (v1) checkpoint itself (for "
+        "an export, the directory it was exported from)."
+    ]

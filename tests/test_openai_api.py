@@ -467,6 +467,18 @@ def test_function_call_example(scripted, monkeypatch, capsys, stream):
     assert "Answer: It is sunny and 22 °C in Boston." in out
 
 
+def test_function_call_example_says_when_the_model_made_no_call(scripted, monkeypatch, capsys):
+    argv = ["function_call.py", "--base-url", scripted.url + "/v1", "--question", "Weather in Boston, from memory?"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "examples" / "function_call.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    assert exit_.value.code == 1 and "Answer:" not in captured.out
+    assert captured.out == ("The model made no tool call; its answer did not come from a tool: "
+                            "It is always sunny in Boston.\n")
+    assert "The offline demo model cannot call tools" in captured.err
+
+
 def test_openai_client_example(scripted, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["openai_client.py", "--base-url", scripted.url + "/v1"])
     runpy.run_path(str(REPO / "examples" / "openai_client.py"), run_name="__main__")

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test needs a real GPT-QModel quantization (minutes on 2 cores)
 pytest.importorskip("gptqmodel", reason="needs requirements-gptq.txt")
 pytest.importorskip("optimum", reason="needs requirements-gptq.txt")
 
@@ -67,6 +68,8 @@ def run_gptq(tiny, calibration_file, out, bits):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(out.parent) == [out.name]  # nothing else left in the working directory (GPT-QModel's logs)
+    # not a terminal: a few lines, not GPT-QModel's progress bars redrawn hundreds of times
+    assert len((result.stdout + result.stderr).splitlines()) <= 10, result.stdout[-2000:] + result.stderr[-2000:]
     return out
 
 
@@ -169,6 +172,48 @@ def test_loaded_model_computes_what_the_packed_tensors_say(quantized, capfd):
     expected = reference_model(path, bits)(ids).logits
     got = model(ids).logits
     assert (got - expected).abs().max().item() <= 1e-3
+
+
+@torch.no_grad()
+def test_the_auto_classes_as_the_readme_shows_use_the_scripts_kernel(int4):
+    """README "Quantization": AutoModelForCausalLM with GPTQConfig(backend="gptq_torch") on the CPU, the scripts'
+    kernel; GPT-QModel's own CPU default (TorchAtenLinear) rounds activations to bf16 and is measurably off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    scripts, _ = load_model_and_tokenizer(str(int4), dtype="fp32", cpu_only=True)
+    readme = AutoModelForCausalLM.from_pretrained(
+        int4, dtype=torch.float32, quantization_config=GPTQConfig(bits=4, backend="gptq_torch")
+    )
+    default = AutoModelForCausalLM.from_pretrained(int4, dtype=torch.float32)
+    from qwen.quantize import kernel_name
+
+    assert kernel_name(readme) == kernel_name(scripts) == "TorchLinear"
+    ids = torch.tensor([AutoTokenizer.from_pretrained(int4).encode(TEXT)])
+    expected = reference_model(int4, 4)(ids).logits
+    assert (readme(ids).logits - expected).abs().max().item() <= 1e-3
+    assert (default(ids).logits.float() - expected).abs().max().item() > 1e-3  # why the README names the kernel
+
+
+def test_loading_undoes_the_per_linear_compile_of_the_dequantization(int4):
+    """GPT-QModel torch.compiles each TorchLinear's dequantization; it recompiles per Linear, so we run it eagerly."""
+    model, _ = load_model_and_tokenizer(str(int4), dtype="fp32", cpu_only=True)
+    linears = [m for m in model.modules() if type(m).__name__ == "TorchLinear"]
+    assert len(linears) == 2 * len(QUANTIZED)
+    assert not [m for m in linears if "dequantize_weight" in vars(m)]  # no compiled wrapper left on any
+
+
+@pytest.mark.slow
+def test_gptq_chat_shows_no_library_output(int4):
+    """A chat on an Int4 checkpoint with torch.compile on (as a person runs it): the transcript and the Loaded line,
+    no GPT-QModel banner or notes, no torch._dynamo recompile warning (10 Linears > its limit of 8)."""
+    result = subprocess.run(
+        [sys.executable, "cli_demo.py", "-c", str(int4), "--max-new-tokens", "4", "--temperature", "0"],
+        cwd=REPO, input="Hello\nHi again\n", capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Qwen> ") == 2
+    noise = ("GPT-QModel", "GIL", "CUDA_DEVICE_ORDER", "dynamo", "recompile", "INFO", "WARN")
+    assert not [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -345,3 +390,15 @@ def test_finetune_q_lora_on_an_int4_checkpoint_then_merge_into_the_full_model(ti
     with torch.no_grad():
         assert (merged(ids).logits - original(ids).logits).abs().max() > 1e-3  # the adapter is in the weights
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+def test_run_gptq_defaults_to_the_demo_model(demo_checkpoint, int4, calibration_file, capsys):
+    """Without --model_name_or_path, as every other script: the offline demo model (here up to the output check)."""
+    sys.path.insert(0, str(REPO))
+    import run_gptq
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_gptq.main(["--data_path", str(calibration_file), "--out_path", str(int4)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Running the offline demo model" in err and f"Quantizing {demo_checkpoint} to GPTQ Int4" in err
+    assert "exists and is not empty" in err

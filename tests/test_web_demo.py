@@ -86,7 +86,7 @@ def server(demo_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    require_program(CHROMIUM, "apt-get install chromium (or set QWEN_CHROMIUM to a Chromium binary)")
+    require_program(CHROMIUM, "apt-get install chromium", ", or set QWEN_CHROMIUM to a Chromium binary")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
