@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import socket
@@ -135,6 +136,24 @@ class ScriptedLM(torch.nn.Module):
             target = self.target(prompt)
             logits[row, -1, target[min(len(generated), len(target) - 1)]] = 0
         return CausalLMOutputWithPast(logits=logits, **cache_kwargs(cache))
+
+
+def run_repl(lines, model, config, tokenizer=None):
+    """Runs qwen.cli's Repl over `lines` as typed input (EOF after them): (status, printed text, session, model)."""
+    from qwen.cli import ChatSession, Repl
+
+    session = ChatSession(model, tokenizer, config)
+    inputs = iter(lines)
+
+    def read_line(prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    status = Repl(session, out=out, read_line=read_line).run()
+    return status, out.getvalue(), session, model
 
 
 def free_port() -> int:

@@ -1,12 +1,10 @@
 """The terminal chat survives hostile input: deeply nested JSON, escape sequences in a saved history, a line far
 longer than a prompt may hold."""
 
-import io
 import json
 
+from conftest import run_repl
 from transformers import GenerationConfig
-
-from qwen.cli import ChatSession, Repl
 
 
 class EchoModel:
@@ -21,19 +19,7 @@ class EchoModel:
 
 
 def run(lines, tokenizer=None, model=None, config=None):
-    model = model or EchoModel()
-    session = ChatSession(model, tokenizer, config or GenerationConfig(max_new_tokens=8))
-    inputs = iter(lines)
-
-    def read_line(prompt):
-        try:
-            return next(inputs)
-        except StopIteration:
-            raise EOFError from None
-
-    out = io.StringIO()
-    status = Repl(session, out=out, read_line=read_line).run()
-    return status, out.getvalue(), session, model
+    return run_repl(lines, model or EchoModel(), config or GenerationConfig(max_new_tokens=8), tokenizer)
 
 
 def test_deeply_nested_json_is_one_error_line(tmp_path):

@@ -1,12 +1,12 @@
 """The terminal chat's logic without a model: typed :conf parsing, save/load, command dispatch."""
 
-import io
 import json
 
 import pytest
+from conftest import run_repl as shared_run_repl
 from transformers import GenerationConfig
 
-from qwen.cli import ChatSession, Repl, apply_conf, parse_conf_items
+from qwen.cli import apply_conf, parse_conf_items
 from qwen.errors import UsageError
 
 
@@ -59,19 +59,7 @@ class FakeStreamingModel:
 
 
 def run_repl(lines, model=None, tmp_config=None):
-    model = model or FakeStreamingModel()
-    session = ChatSession(model, None, tmp_config or GenerationConfig(max_new_tokens=512))
-    inputs = iter(lines)
-
-    def read_line(prompt):
-        try:
-            return next(inputs)
-        except StopIteration:
-            raise EOFError from None
-
-    out = io.StringIO()
-    status = Repl(session, out=out, read_line=read_line).run()
-    return status, out.getvalue(), session, model
+    return shared_run_repl(lines, model or FakeStreamingModel(), tmp_config or GenerationConfig(max_new_tokens=512))
 
 
 def test_repl_streams_and_applies_conf_to_the_next_turn(tmp_path):
