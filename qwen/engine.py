@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compat import cache_kwargs
+from .errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from .sampling import INVALID, SamplerState, SamplingParams, sample
 from .slot_cache import SPARE, SlotCache, store_for
 
@@ -41,18 +42,6 @@ DEFAULT_PREFILL_CHUNK_ACCELERATOR = 2048
 # An idle engine keeps its KV cache this long before giving the memory back: allocating and zeroing it again costs a
 # burst of new requests hundreds of ms of first-token time (fresh pages are faulted in one by one).
 DEFAULT_IDLE_RELEASE_S = 30.0
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting or running; the server answers 429."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine was shut down (the server is stopping); the server answers 503."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt does not fit the context window; the server answers 400."""
 
 
 def model_context_length(model) -> int | None:
@@ -606,12 +595,5 @@ class Engine:
         self._release_cache()
 
 
-__all__ = [
-    "Engine",
-    "FinishEvent",
-    "PromptTooLongError",
-    "QueueFullError",
-    "RequestHandle",
-    "SamplingParams",
-    "TokenEvent",
-]
+__all__ = ["Engine", "FinishEvent", "PromptTooLongError", "QueueFullError", "RequestHandle", "SamplingParams",
+           "TokenEvent"]

