@@ -16,6 +16,7 @@ import sys
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
+from qwen.sampling import BOUNDS  # noqa: E402
 from qwen.scripts import (  # noqa: E402
     PAGE_PORT,
     add_checkpoint_args,
@@ -51,9 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "anyone on the internet use this model"),
         (args.max_batch_size >= 1, "--max-batch-size must be at least 1"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
-        (args.temperature is None or args.temperature >= 0, "--temperature must be >= 0 (0 means greedy)"),
-        (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+    ] + [  # the initial settings: the bounds every surface (API, CLI, page) reads
+        (value is None or value in BOUNDS[name], f"--{name.replace('_', '-')} must be {BOUNDS[name].describe()}")
+        for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                            ("max_new_tokens", args.max_new_tokens))
     ]
     for ok, message in checks:
         if not ok:

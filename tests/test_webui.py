@@ -205,7 +205,9 @@ def test_one_answer_at_a_time_per_session_others_unaffected(make_chat):
 @pytest.mark.parametrize("flags, message", [
     (["--auth", "nopassword"], "--auth must be USER:PASSWORD"),
     (["--server-port", "70000"], "70000 is not a port: use 0..65535"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be in [0, 2] (0 means greedy)"),
+    (["--temperature", "3"], "--temperature must be in [0, 2]"),  # the API's and the CLI's range too
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--concurrency", "0"], "--concurrency must be at least 1"),
     (["--share"], "--share needs --auth"),
 ])
