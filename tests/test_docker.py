@@ -185,6 +185,15 @@ def _health(container: str) -> str:
     return _run(["docker", "inspect", "--format", "{{.State.Health.Status}}", container]).stdout.strip()
 
 
+def _wait_healthy(container: str, timeout_s: float = 300) -> None:
+    """Until the container's healthcheck passes; fails with its log if it goes unhealthy or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while _health(container) != "healthy":
+        assert _health(container) in ("starting", ""), _run(["docker", "logs", container]).stderr[-3000:]
+        assert time.monotonic() < deadline, f"not healthy after {timeout_s:.0f} s"
+        time.sleep(3)
+
+
 def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpoint):
     from openai import OpenAI
 
@@ -195,11 +204,7 @@ def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpo
                     "-c", str(demo_checkpoint), "--port", str(port), "-n", name])  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
-        deadline = time.monotonic() + 300
-        while _health(name) != "healthy":
-            assert _health(name) in ("starting", ""), _run(["docker", "logs", name]).stderr[-3000:]
-            assert time.monotonic() < deadline, "not healthy after 300 s"
-            time.sleep(3)
+        _wait_healthy(name)
 
         user = _run(["docker", "exec", name, "id", "-u"]).stdout.strip()
         assert user not in ("", "0")
@@ -246,11 +251,7 @@ def test_finetune_image_trains_an_adapter_that_the_api_image_serves(image, finet
                     "-c", str(output), "--base", str(demo_checkpoint), "--port", str(port), "-n", name])  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
-        deadline = time.monotonic() + 300
-        while _health(name) != "healthy":
-            assert _health(name) in ("starting", ""), _run(["docker", "logs", name]).stderr[-3000:]
-            assert time.monotonic() < deadline, "not healthy after 300 s"
-            time.sleep(3)
+        _wait_healthy(name)
         question = "What is the capital of France?"
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         reply = client.chat.completions.create(

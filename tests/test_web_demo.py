@@ -142,6 +142,7 @@ def ask(page, text: str) -> str:
 
 def test_chat_regenerate_clear_and_screenshot(new_page):
     page = new_page()
+    assert page.title().endswith(" chat") and len(page.title()) > len(" chat")  # the tab names the model
     answer = ask(page, "What is the capital of France?")
     assert "Paris" in answer
     assert user_messages(page) == ["What is the capital of France?"]
