@@ -18,7 +18,9 @@ one person at a time. Here:
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -208,18 +210,28 @@ def serve_page(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 8080, sh
     # gradio's own banner is quiet: its hint names launch(share=True), where our users have --share.
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     hint = "" if share else "  (--share with --auth adds a public gradio.live link)"
+    interrupted = []  # gradio's start-up is not interrupt-safe (a half-built event loop prints a traceback later)
+    defer = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if defer else None
     try:
         engine.start()
         print(f"Chat page on http://{shown}:{port}" + hint, flush=True)
         launch_page(demo, server_name=host, server_port=port, share=share, inbrowser=inbrowser,
-                    auth=tuple(auth.split(":", 1)) if auth else None, max_queue=max(64, concurrency))
+                    auth=tuple(auth.split(":", 1)) if auth else None, max_queue=max(64, concurrency),
+                    prevent_thread_lock=True)
+        if defer:
+            signal.signal(signal.SIGINT, previous)
+        if interrupted:  # Ctrl-C while gradio was starting: stop as a later one does
+            demo.close()
+        else:
+            demo.block_thread()  # until Ctrl-C; gradio then closes its server
     except OSError as exc:  # e.g. the port is taken
         print(f"Error: cannot serve on {host}:{port} ({exc}); pick another --server-port or stop the program "
               "using it.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C while gradio was still starting: a quiet stop, as later
-        pass
     finally:
+        if defer:
+            signal.signal(signal.SIGINT, previous)
         engine.shutdown(timeout=10)
     return 0
 
