@@ -50,6 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def wait_until_healthy(url: str, process, deadline: float, name: str, hint: str, poll_s: float) -> None:
+    """Until `url`/health answers 200; exits with `hint` if the server process ends or `deadline` passes."""
+    while True:
+        if process.poll() is not None:
+            sys.exit(f"{name} exited with {process.returncode}; {hint}")
+        if time.time() > deadline:
+            sys.exit(f"{name} did not come up in time; {hint}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(poll_s)
+
 @contextlib.contextmanager
 def running_server(checkpoint: str | None, threads: int | None, server_args: list[str]):
     """An openai_api.py child serving on a free port: yields (URL, pid); stopped on any exit, Ctrl-C included."""
@@ -67,16 +81,7 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 300
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"openai_api.py exited with {process.returncode}; run it by hand to see why")
-            if time.time() > deadline:
-                sys.exit("openai_api.py did not come up within 300 s")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_healthy(url, process, deadline, "openai_api.py", "run it by hand to see why", poll_s=0.5)
         yield url, process.pid
     finally:
         process.terminate()
@@ -127,16 +132,7 @@ def running_vllm(python: str, model: Path, binding: str, log: Path, max_model_le
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 900  # the first start compiles the model (minutes on a small CPU)
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"vLLM exited with {process.returncode}; its log: {log}")
-            if time.time() > deadline:
-                sys.exit(f"vLLM did not come up within 900 s; its log: {log}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
+        wait_until_healthy(url, process, deadline, "vLLM", f"its log: {log}", poll_s=2)
         yield url, process.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
