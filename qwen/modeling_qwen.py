@@ -37,6 +37,8 @@ from .kv_cache import Int8KVCache, make_cache
 
 logger = logging.get_logger(__name__)
 
+IGNORE_INDEX = -100  # labels the loss skips (torch's cross_entropy and transformers' ForCausalLMLoss default)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Long-context formulas of the original (modeling_qwen.py, 2023): dynamic NTK-aware RoPE and logN attention.
 
@@ -487,8 +489,11 @@ class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """With `labels` in training mode (or `skip_logits=True`) only the loss is computed, and the output layer
+        runs only at the positions a label supervises; `logits` is then None (as with Liger's fused loss)."""
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -498,12 +503,24 @@ class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        hidden_states = outputs.last_hidden_state  # (B, T, H)
+        loss = logits = None
+        if labels is not None and (self.training if skip_logits is None else skip_logits):
+            # The 151,936-wide output layer is most of a small model's step: prompts, padding and packed
+            # separators carry no label, so their logits are never materialized. Same loss, same gradients.
+            shift_labels = kwargs.pop("shift_labels", None)
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
+            supervised = shift_labels != IGNORE_INDEX  # (B, T)
+            loss = self.loss_function(
+                logits=self.lm_head(hidden_states[supervised]), labels=None, shift_labels=shift_labels[supervised],
+                vocab_size=self.config.vocab_size, **kwargs,
+            )  # fmt: skip
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -342,6 +342,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_training_loss_runs_the_output_layer_only_at_supervised_positions():
+    ids = torch.randint(0, VOCAB, (2, 16))
+    labels = ids.masked_fill(torch.arange(16) < 9, -100)  # prompts: the first 9 tokens of each row
+    labels[1, 12:] = -100  # right padding
+    results = []
+    for skip in (False, True):
+        model = tiny_model().train()
+        rows = []
+        model.lm_head.register_forward_hook(lambda module, args, out, rows=rows: rows.append(args[0].shape[:-1].numel()))
+        out = model(ids, labels=labels, skip_logits=skip, num_items_in_batch=torch.tensor(10))
+        out.loss.backward()
+        results.append((out.loss.detach(), model.transformer.h[0].mlp.w1.weight.grad.clone(), rows, out.logits))
+    (full_loss, full_grad, full_rows, full_logits), (loss, grad, rows, logits) = results
+    assert full_rows == [32] and full_logits.shape == (2, 16, VOCAB)
+    assert rows == [7 + 3] and logits is None  # the labels 9..15 of row 0 and 9..11 of row 1, one step earlier
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(grad, full_grad)
+    model.eval()  # evaluation keeps the logits (compute_metrics reads them)
+    assert model(ids, labels=labels).logits.shape == (2, 16, VOCAB)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)

@@ -21,9 +21,7 @@ import torch
 from qwen_generation_utils import DEFAULT_SYSTEM, chatml_turn, render_chatml
 
 from ..errors import DataError
-
-IGNORE_INDEX = -100  # labels the loss skips (torch's CrossEntropyLoss default)
-
+from ..modeling_qwen import IGNORE_INDEX
 
 ORIGINAL_ROLES = ("user", "assistant")  # the original format's "from" values
 
