@@ -4,8 +4,7 @@ import threading
 
 import openai
 import pytest
-from conftest import ScriptedLM, ServerThread
-from test_engine import _build
+from conftest import ScriptedLM, ServerThread, build_engine_model
 
 from qwen import engine as engine_module
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
@@ -23,7 +22,7 @@ def overflowing(max_new_tokens: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def model():
-    return _build("llama")
+    return build_engine_model("llama")
 
 
 def test_a_sampling_failure_fails_only_its_own_request(model):
