@@ -14,7 +14,7 @@ from qwen.tokenization_qwen import QWenTokenizer
 
 def overflowing(max_new_tokens: int) -> SamplingParams:
     """Divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
-    (set past the bounds check, which refuses it: what a defect further down would produce)."""
+    (set past the bounds check, which refuses it: what a bug further down would produce)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
     params.repetition_penalty = 1e-45
     return params
