@@ -61,14 +61,15 @@ def chat_stop_words(tokenizer, generation_config, extra: Iterable[Sequence[int]]
     return [seq for i, seq in enumerate(words) if seq and seq not in words[:i]]
 
 
-def chat_stop_tokens(tokenizer, generation_config) -> tuple[tuple[int, ...], list[str]]:
+def chat_stop_tokens(tokenizer, generation_config, extra: Iterable[Sequence[int]] = ()
+                     ) -> tuple[tuple[int, ...], list[str]]:
     """(ids, texts) that end a chat reply: the end-of-document and eos ids with every one-token stop word, and the
     longer stop words as text (a batched engine stops on ids; a longer word is cut from the text)."""
     ids = {eod_id(tokenizer)}
     eos = getattr(generation_config, "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else eos or [])
     texts = []
-    for seq in chat_stop_words(tokenizer, generation_config):
+    for seq in chat_stop_words(tokenizer, generation_config, extra):
         if len(seq) == 1:
             ids.add(seq[0])
         else:
@@ -243,10 +244,8 @@ class QWenChatMixin:
         )
         # cut here, as text: generate() would need the tokenizer passed to match them
         stops, generation_config.stop_strings = generation_config.stop_strings or [], None
-        # Generation ends on a stop word; those ids and EOS never reach the text.
-        eos = generation_config.eos_token_id
-        end_ids = {ids[0] for ids in stop_words_ids if len(ids) == 1}
-        end_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # Generation ends on a stop word (generate() forces EOS after a longer one); those ids never reach the text.
+        end_ids = set(chat_stop_tokens(tokenizer, generation_config, stop_words_ids)[0])
         streamer, stop_flag = _TokenQueue(), _StopFlag()
         failure: list[BaseException] = []
 
