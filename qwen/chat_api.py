@@ -2,7 +2,7 @@
 original chat API itself as a mixin of QWenLMHeadModel.
 
 - is this a chat model: `require_chat_model` / `is_chat_model` (generation_config.chat_format "chatml");
-- which tokens and texts end a reply: `chat_stop_words`;
+- which tokens and texts end a reply: `chat_stop_words`, split into ids and texts by `chat_stop_tokens`;
 - token ids → text as it is generated, cut at the first stop string: `TextStream` (the one detokenize-and-stop
   loop; a stop string arriving split over several tokens is held back until it is certain).
 """
@@ -43,13 +43,13 @@ def is_chat_model(generation_config) -> bool:
     return chat_format(generation_config) == CHAT_FORMAT
 
 
-def require_chat_model(generation_config, needed_by: str) -> None:
+def require_chat_model(generation_config, needed_by: str,
+                       what_to_do: str = "use model.generate() on plain text, or load the -Chat checkpoint") -> None:
     """NotAChatModelError (a UserError and a ValueError) naming `needed_by` unless the checkpoint chats."""
     if not is_chat_model(generation_config):
         raise NotAChatModelError(
             f"{needed_by} needs a chat model (generation_config.chat_format 'chatml'); this one is "
-            f"{chat_format(generation_config)!r}, a base model: use model.generate() on plain text, or load the "
-            "-Chat checkpoint."
+            f"{chat_format(generation_config)!r}, a base model: {what_to_do}."
         )
 
 
@@ -59,6 +59,22 @@ def chat_stop_words(tokenizer, generation_config, extra: Iterable[Sequence[int]]
     configured = getattr(generation_config, "stop_words_ids", None) or []
     words = [list(seq) for seq in [*extra, *configured, *get_stop_words_ids(chat_format(generation_config), tokenizer)]]
     return [seq for i, seq in enumerate(words) if seq and seq not in words[:i]]
+
+
+def chat_stop_tokens(tokenizer, generation_config, extra: Iterable[Sequence[int]] = ()
+                     ) -> tuple[tuple[int, ...], list[str]]:
+    """(ids, texts) that end a chat reply: the end-of-document and eos ids with every one-token stop word, and the
+    longer stop words as text (a batched engine stops on ids; a longer word is cut from the text)."""
+    ids = {eod_id(tokenizer)}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else eos or [])
+    texts = []
+    for seq in chat_stop_words(tokenizer, generation_config, extra):
+        if len(seq) == 1:
+            ids.add(seq[0])
+        else:
+            texts.append(tokenizer.decode(seq))
+    return tuple(sorted(i for i in ids if i is not None)), texts
 
 
 class StopStrings:
@@ -228,10 +244,8 @@ class QWenChatMixin:
         )
         # cut here, as text: generate() would need the tokenizer passed to match them
         stops, generation_config.stop_strings = generation_config.stop_strings or [], None
-        # Generation ends on a stop word; those ids and EOS never reach the text.
-        eos = generation_config.eos_token_id
-        end_ids = {ids[0] for ids in stop_words_ids if len(ids) == 1}
-        end_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # Generation ends on a stop word (generate() forces EOS after a longer one); those ids never reach the text.
+        end_ids = set(chat_stop_tokens(tokenizer, generation_config, stop_words_ids)[0])
         streamer, stop_flag = _TokenQueue(), _StopFlag()
         failure: list[BaseException] = []
 
@@ -281,6 +295,7 @@ __all__ = [
     "StopStrings",
     "TextStream",
     "chat_format",
+    "chat_stop_tokens",
     "chat_stop_words",
     "is_chat_model",
     "require_chat_model",

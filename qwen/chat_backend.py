@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from qwen_generation_utils import eod_id, make_context
+from qwen_generation_utils import make_context
 
-from .chat_api import StopStrings, TextStream, chat_format, chat_stop_words
+from .chat_api import StopStrings, TextStream, chat_format, chat_stop_tokens
 from .engine import Engine, TokenEvent, model_context_length
 from .errors import GenerationError, ServerShutdownError
 from .sampling import SamplingParams, resolve
@@ -49,7 +49,7 @@ class ChatBackend:
         self.generation_config = getattr(model, "generation_config", None)
         self.chat_format = chat_format(self.generation_config)
         self.max_window_size = self.default("max_window_size", 6144)
-        self.stop_token_ids, self.chat_stop_texts = self._stop_tokens()
+        self.stop_token_ids, self.chat_stop_texts = chat_stop_tokens(tokenizer, self.generation_config)
 
     @classmethod
     def from_model(cls, model, tokenizer, **engine_options) -> ChatBackend:
@@ -60,19 +60,6 @@ class ChatBackend:
         """A setting of the checkpoint's generation_config, or `fallback` when it has none."""
         value = getattr(self.generation_config, name, None)
         return fallback if value is None else value
-
-    def _stop_tokens(self) -> tuple[tuple[int, ...], list[str]]:
-        """Token ids that end every reply, and multi-token stop words (as text) that end chat replies."""
-        ids = {eod_id(self.tokenizer)}
-        eos = self.default("eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else eos or [])
-        texts = []
-        for seq in chat_stop_words(self.tokenizer, self.generation_config):
-            if len(seq) == 1:
-                ids.add(seq[0])
-            else:
-                texts.append(self.tokenizer.decode(seq))
-        return tuple(sorted(i for i in ids if i is not None)), texts
 
     def sampling_params(self, **requested) -> SamplingParams:
         """Engine sampling parameters: `requested` (SamplingParams fields; None = unset), else the checkpoint's

@@ -214,3 +214,50 @@ def build_engine_model(name: str):
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like the engine
     model.generation_config.pad_token_id = 0
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A tiny random QWen model, shared by the model and KV-cache tests
+
+
+TINY_VOCAB = 128  # the vocabulary of tiny_config's models
+
+
+def tiny_config(**overrides):
+    """A tiny QWen config (2 layers, 64 wide) for the model and KV-cache tests; `overrides` replace its fields."""
+    from qwen.configuration_qwen import QWenConfig
+
+    fields = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=16,
+        intermediate_size=192,
+        seq_length=64,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # wide logit gaps: greedy choices do not hinge on rounding
+    )
+    return QWenConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A seeded random QWenLMHeadModel of tiny_config(**overrides), in eval mode."""
+    from qwen.modeling_qwen import QWenLMHeadModel
+
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # random biases and norm weights, so that a wrong split or a skipped norm shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids [n, max(lengths)] left-padded with 0, and their attention mask."""
+    torch.manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, TINY_VOCAB, (len(lengths), width))  # 0 is the pad id
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    return ids.masked_fill(mask == 0, 0), mask

@@ -51,3 +51,27 @@ def test_no_import_circle_in_qwen():
 def test_qwen_never_imports_an_entry_script():
     offenders = {m: ts & ENTRY_SCRIPTS for m, ts in qwen_imports().items() if ts & ENTRY_SCRIPTS}
     assert not offenders
+
+
+def test_the_engine_is_constructed_in_one_place():
+    """Every script gets its engine from chat_backend.chat_engine (context limit, padding guard): no other copy."""
+    builders = set()
+    for path in sorted((REPO / "qwen").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+                if name == "Engine":
+                    builders.add(path.relative_to(REPO).as_posix())
+    assert builders == {"qwen/chat_backend.py"}
+
+
+def test_the_api_schema_does_not_import_the_engine():
+    """protocol.py (request and response shapes) reaches the sampler only through qwen.sampling, which does not
+    import the engine either (checked through every module protocol.py imports)."""
+    graph, reached, todo = qwen_imports(), set(), ["qwen.protocol"]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert "qwen.sampling" in reached and not {t for t in reached if t.startswith("qwen.engine")}

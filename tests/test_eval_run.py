@@ -187,3 +187,24 @@ def test_user_mistakes_are_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in done.stderr
     assert "EVALUATION.md" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_chat_script_on_a_base_model_says_so_in_one_line(demo_checkpoint, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for item in demo_checkpoint.iterdir():
+        if item.name != "generation_config.json":
+            (base / item.name).symlink_to(item)
+    config = json.loads((demo_checkpoint / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, "chat_format": "raw"}))
+    done = subprocess.run(
+        [sys.executable, "eval/evaluate_chat_gsm8k.py", "-c", str(base), "-f", str(FIXTURES / "gsm8k"),
+         "--limit", "1", "-o", str(tmp_path / "x.jsonl")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: evaluate_chat_gsm8k.py needs a chat model") and "'raw'" in last
+    assert "pass -c Qwen/Qwen-7B-Chat" in last

@@ -2,7 +2,7 @@
 chat(), the engine and dynamic NTK recompute work with it."""
 
 import torch
-from test_modeling import left_padded_batch, tiny_model
+from conftest import left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 from qwen.compat import cache_kwargs, output_cache

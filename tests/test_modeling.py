@@ -5,47 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, left_padded_batch, tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from qwen.compat import cache_kwargs, output_cache
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale, native_cuda_dtype
 from qwen.weights import llama_to_qwen, qwen_to_qwen2
-
-VOCAB = 128
-
-
-def tiny_config(**overrides) -> QWenConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        kv_channels=16,
-        intermediate_size=192,
-        seq_length=64,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # wide logit gaps: greedy choices do not hinge on rounding
-    )
-    return QWenConfig(**{**fields, **overrides})
-
-
-def tiny_model(seed: int = 0, **overrides) -> QWenLMHeadModel:
-    torch.manual_seed(seed)
-    model = QWenLMHeadModel(tiny_config(**overrides)).eval()
-    with torch.no_grad():  # random biases and norm weights, so that a wrong split or a skipped norm shows
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model
-
-
-def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(1, VOCAB, (len(lengths), width))  # 0 is the pad id
-    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -116,7 +82,7 @@ def test_mlp_is_c_proj_of_w1_times_silu_w2():
 def test_parity_with_qwen2_one_sequence():
     model = tiny_model()
     twin = qwen2_twin(model)
-    ids = torch.randint(0, VOCAB, (1, 40))
+    ids = torch.randint(0, TINY_VOCAB, (1, 40))
     with torch.no_grad():
         assert (model(ids).logits - twin(ids).logits).abs().max() <= 1e-4
 
@@ -135,7 +101,7 @@ def test_parity_with_qwen2_left_padded_batch():
 def test_parity_with_qwen2_incremental_decoding():
     model = tiny_model()
     twin = qwen2_twin(model)
-    ids = torch.randint(0, VOCAB, (2, 24))
+    ids = torch.randint(0, TINY_VOCAB, (2, 24))
     with torch.no_grad():
         ours = model(ids[:, :10], use_cache=True)
         theirs = twin(ids[:, :10], use_cache=True)
@@ -161,7 +127,7 @@ def test_parity_with_qwen2_greedy_generation():
 def test_llama_to_qwen_matches_llama_with_gqa_and_tied_embeddings():
     torch.manual_seed(0)
     llama_config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=128,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
     )  # fmt: skip
@@ -175,7 +141,7 @@ def test_llama_to_qwen_matches_llama_with_gqa_and_tied_embeddings():
     assert not unexpected and set(missing) == {"lm_head.weight"}
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert torch.count_nonzero(state_dict["transformer.h.0.attn.c_attn.bias"]) == 0
-    ids = torch.randint(0, VOCAB, (2, 30))
+    ids = torch.randint(0, TINY_VOCAB, (2, 30))
     with torch.no_grad():
         assert (model(ids).logits - llama(ids).logits).abs().max() <= 1e-4
 
@@ -194,7 +160,7 @@ def test_batched_greedy_generation_equals_one_by_one():
 
 def test_chunked_prefill_on_top_of_a_cache_is_causal():
     model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 30))
+    ids = torch.randint(0, TINY_VOCAB, (1, 30))
     with torch.no_grad():
         first = model(ids[:, :12], use_cache=True)
         second = model(ids[:, 12:], use_cache=True, **cache_kwargs(output_cache(first)))
@@ -204,7 +170,7 @@ def test_chunked_prefill_on_top_of_a_cache_is_causal():
 
 def test_explicit_position_ids_are_honoured():
     model = tiny_model()
-    ids = torch.randint(0, VOCAB, (1, 10))
+    ids = torch.randint(0, TINY_VOCAB, (1, 10))
     gapped = torch.cat([torch.arange(5), torch.arange(9, 14)])[None]
     with torch.no_grad():
         default = model(ids).logits
@@ -329,7 +295,7 @@ def test_eager_and_sdpa_agree_and_eager_returns_attentions():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = torch.randint(0, TINY_VOCAB, (2, 16))
     grads = []
     for checkpointing in (False, True):
         model = tiny_model().train()
@@ -368,7 +334,7 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     loaded, info = QWenLMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = torch.randint(0, VOCAB, (1, 12))
+    ids = torch.randint(0, TINY_VOCAB, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
 
@@ -405,6 +371,6 @@ def test_hub_shaped_checkpoints_load_through_the_auto_classes(tmp_path):
     # no precision flag: the GPU's native half precision, fp32 on CPU
     assert loaded.dtype == (native_cuda_dtype() if torch.cuda.is_available() else torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = torch.randint(0, VOCAB, (1, 12))
+    ids = torch.randint(0, TINY_VOCAB, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded.eval()(ids.to(loaded.device)).logits.cpu())

@@ -3,9 +3,13 @@
 All prompts are submitted to one Engine; it keeps up to `batch_size` of them decoding together and admits the
 next as soon as one finishes. A prompt ends at a stop token, at `max_new_tokens`, or as soon as its text
 satisfies `should_stop` (e.g. "\\n\\n" after a GSM8K answer, a top-level statement after a HumanEval body): the
-request is cancelled so its row is freed for the next prompt. Decoding follows the original scripts: the
-checkpoint's generation_config with each script's overrides on top (`overrides`), always greedy (do_sample=False):
-e.g. a -Chat checkpoint's repetition_penalty 1.1 stays on unless the script set it to 1.0.
+request is cancelled so its row is freed for the next prompt. Text comes from chat_api's TextStream (the one
+detokenizer), without its stop strings: a benchmark's stop is a test of the whole text (HumanEval's is no string),
+and its record keeps the text through the token that met it (the plugin's "gen" ends in "Observation:").
+
+Decoding follows the original scripts: the checkpoint's generation_config with each script's overrides on top
+(`overrides`), always greedy (do_sample=False): e.g. a -Chat checkpoint's repetition_penalty 1.1 stays on unless
+the script set it to 1.0.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
-from qwen_generation_utils import IncrementalDetokenizer
-
+from ..chat_api import TextStream
 from ..chat_backend import chat_engine
 from ..engine import PromptTooLongError, SamplingParams, TokenEvent
 
@@ -52,16 +55,16 @@ def generate_texts(
             if on_done is not None:
                 on_done()
             return PROMPT_TOO_LONG
-        detokenizer = IncrementalDetokenizer(tokenizer)
+        stream = TextStream(tokenizer)
         text = ""
         async for event in handle:
             if isinstance(event, TokenEvent):
-                text += detokenizer.push(event.token_id)
+                text += stream.push(event.token_id)
                 if should_stop is not None and should_stop(text):
                     handle.cancel()
                     break
         else:
-            text += detokenizer.finish()
+            text += stream.finish()
         if on_done is not None:
             on_done()
         return text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from qwen_generation_utils import DEFAULT_SYSTEM, eod_id, make_context
+from qwen_generation_utils import DEFAULT_SYSTEM, make_context
 
 from .data import CHOICES, ChoiceQuestion
 
@@ -71,12 +71,6 @@ def humaneval_chat_query(problem: dict) -> str:
     description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
     return (f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n"
             f"{problem['prompt']}")
-
-
-def chat_stop_ids(tokenizer) -> list[int]:
-    from qwen_generation_utils import get_stop_words_ids
-
-    return sorted({ids[0] for ids in get_stop_words_ids("chatml", tokenizer) if len(ids) == 1} | {eod_id(tokenizer)})
 
 
 def chat_prompt_ids(model, tokenizer, query: str) -> list[int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from qwen_generation_utils import encode_plain, eod_id
 
 from .. import react
+from ..chat_api import chat_stop_tokens, require_chat_model
 from ..errors import DataError, UsageError
 from . import data, extract, prompts
 from .generation import PROMPT_TOO_LONG, decoding_params, generate_texts
@@ -63,12 +64,14 @@ def both_rows(name: str, scores: dict, count: int) -> list[Row]:
 
 
 def require_chat(model, task: str) -> None:
-    chat_format = getattr(model.generation_config, "chat_format", "chatml")
-    if chat_format != "chatml":
-        raise UsageError(
-            f"evaluate_{task}.py needs a chat model (ChatML); this checkpoint is a base model ({chat_format!r}): "
-            "pass -c Qwen/Qwen-7B-Chat, or use the base script"
-        )
+    """A UsageError (one line, exit 2) unless the checkpoint is a chat model, by chat_api's one rule."""
+    require_chat_model(model.generation_config, f"evaluate_{task}.py",
+                       "pass -c Qwen/Qwen-7B-Chat, or use the base script")
+
+
+def chat_stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The token ids that end a chat reply, as model.chat and the API stop (chat_api's one definition)."""
+    return chat_stop_tokens(tokenizer, model.generation_config)[0]
 
 
 def first_per_group(samples: list[Sample], n: int | None) -> list[Sample]:
@@ -279,7 +282,7 @@ class ChatChoiceTask(Task):
         require_chat(model, self.name)
         queries = [prompts.chat_choice_query(self.layout.name, s.item) for s in chunk]
         ids = [prompts.chat_prompt_ids(model, tokenizer, q) for q in queries]
-        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
+        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(model, tokenizer))
         records = []
         for s, query, response in zip(chunk, queries, responses, strict=True):
             pred = extract.extract_choice(response, s.item.options, self.language, s.item.question)
@@ -369,7 +372,7 @@ class ChatGsm8kTask(Task):
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
         ids = [prompts.chat_prompt_ids(model, tokenizer, s.item["question"]) for s in chunk]
-        completions = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
+        completions = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(model, tokenizer))
         records = []
         for s, completion in zip(chunk, completions, strict=True):
             record = gsm8k_record(s, completion, extract.original_gsm8k_chat_correct(completion, s.item["answer"]))
@@ -470,7 +473,7 @@ class ChatHumanEvalTask(Task):
     def run(self, model, tokenizer, chunk, args, progress):
         require_chat(model, self.name)
         ids = [prompts.chat_prompt_ids(model, tokenizer, s.extra["query"]) for s in chunk]
-        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer))
+        responses = self.generate(model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(model, tokenizer))
         pairs = list(zip(chunk, responses, strict=True))
         records = humaneval_records(chunk, [extract.extract_chat_code(r, s.item["entry_point"]) for s, r in pairs],
                                     [extract.original_chat_code(r, s.item["entry_point"]) for s, r in pairs], args)
@@ -522,7 +525,7 @@ class PluginTask(Task):
         require_chat(model, self.name)
         ids = [prompts.chat_prompt_ids(model, tokenizer, s.item["prompt"]) for s in chunk]
         texts = self.generate(
-            model, tokenizer, ids, args, progress, stop_token_ids=prompts.chat_stop_ids(tokenizer),
+            model, tokenizer, ids, args, progress, stop_token_ids=chat_stop_ids(model, tokenizer),
             should_stop=lambda text: any(stop in text for stop in react.STOP_WORDS),
         )
         return [self.record(s, text, tokenizer, args) for s, text in zip(chunk, texts, strict=True)]

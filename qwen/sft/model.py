@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import chat_api
 from .args import lora_target_modules
 
 # A base model has never seen the ChatML tokens: their embeddings and output rows must be learned too.
@@ -16,8 +17,9 @@ BASE_MODEL_MODULES_TO_SAVE = ["wte", "lm_head"]
 
 
 def is_chat_model(model) -> bool:
-    """From the checkpoint's generation_config chat_format ("chatml" for -Chat models), never from its path."""
-    return getattr(model.generation_config, "chat_format", None) == "chatml"
+    """From the checkpoint's generation_config (chat_api's one rule: only a base model says "raw"), never from its
+    path as the original finetune.py did."""
+    return chat_api.is_chat_model(model.generation_config)
 
 
 def _train_dtype(training_args) -> torch.dtype:

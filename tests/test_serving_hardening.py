@@ -1,7 +1,8 @@
-"""The API server under hostile and careless clients: every defect of issue 11, through a real uvicorn server.
+"""The API server under hostile and careless clients, through a real uvicorn server: huge requests, cross-site
+access, empty secrets, padding ids, bad text, internal errors, overload, shutdown, OpenAI compatibility.
 
-Each test names the defect it pins; most run on the scripted model of test_openai_api (output known in
-advance), the padding-id ones on a tiny random checkpoint whose padding rows are made the most likely.
+Most tests run on the scripted model of conftest.py (output known in advance), the padding-id ones on a tiny random
+checkpoint whose padding rows are made the most likely.
 """
 
 import json
@@ -62,7 +63,7 @@ def sse_events(response: httpx.Response) -> list:
     return events
 
 
-# ------------------------------------------------- 1. one request stalls every client; no size limits
+# ------------------------------------------------- a huge request stalls no other client; size limits
 
 
 def test_a_100000_message_request_stalls_neither_health_nor_other_streams(scripted):
@@ -98,7 +99,7 @@ def test_a_100000_message_request_stalls_neither_health_nor_other_streams(script
     sender.start()
     with httpx.Client(base_url=scripted.url, timeout=1.0) as client:
         while "at" not in big:
-            # the liveness bound of the issue: /health within 1 s while the big request is being prepared
+            # the server stays live: /health within 1 s while the big request is being prepared
             assert client.get("/health").status_code == 200
             health_answers.append(time.monotonic())
             time.sleep(0.05)
@@ -131,7 +132,7 @@ def test_request_body_and_message_count_limits(tokenizer):
         assert post(server, "/v1/chat/completions", {"model": "s", "messages": USER * 3}).status_code == 200
 
 
-# ------------------------------------------------------------ 2. CORS let any website use credentials
+# ------------------------------------------------------------ no cross-site use unless allowed (CORS)
 
 
 def test_no_cross_origin_access_by_default(scripted):
@@ -160,7 +161,7 @@ def test_allowed_origins_open_cross_origin_access_deliberately(tokenizer):
         create_app(ScriptedLM(tokenizer), tokenizer, allowed_origins=["*"], allow_credentials=True)
 
 
-# -------------------------------------------------------------------- 3. an empty key turned auth off
+# ------------------------------------------------------------------ an empty key never turns auth off
 
 
 def test_empty_secrets_are_refused_and_the_key_can_come_from_the_environment(tokenizer):
@@ -188,7 +189,7 @@ def test_empty_secrets_are_refused_and_the_key_can_come_from_the_environment(tok
         del os.environ["QWEN_API_KEY"]
 
 
-# ------------------------------------------------------------- 4. ids the tokenizer cannot decode
+# ---------------------------------------------------- never a token id the tokenizer cannot decode
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +259,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done(scripted, 
     assert error["type"] == "server_error" and "internal detail" not in error["message"]
 
 
-# ----------------------------------------------------------------------- 5. unpaired surrogates
+# ------------------------------------------------------------------------- unpaired surrogates
 
 
 @pytest.mark.parametrize("path, body, where", [
@@ -275,7 +276,7 @@ def test_unpaired_surrogates_are_a_clear_400(scripted, path, body, where):
     assert post(scripted, path, paired).status_code == 200
 
 
-# ---------------------------------------------------------------- 6. unhandled errors became 500s
+# ------------------------------------------------------ bad input is a 400; a 500 hides internals
 
 
 def test_deeply_nested_json_is_a_400(scripted):
@@ -319,7 +320,7 @@ def test_a_500_hides_internals_and_keeps_the_connection_usable(scripted, monkeyp
         assert again.status_code == 200
 
 
-# ------------------------------------------------------------------------- 7. misleading 429
+# ------------------------------------------------------------- 400 for what never fits, 429 to retry
 
 
 def test_a_request_that_can_never_fit_is_a_400_and_real_429s_carry_retry_after(scripted):
@@ -342,7 +343,7 @@ def test_a_request_that_can_never_fit_is_a_400_and_real_429s_carry_retry_after(s
                 stream.__exit__(None, None, None)
 
 
-# ------------------------------------------------------------------------------------ 8. shutdown
+# --------------------------------------------------------------------------------------- shutdown
 
 
 def test_draining_answers_503_and_stops_running_streams_after_the_grace_period(tokenizer):
@@ -420,7 +421,7 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
     assert "Traceback" not in output and "shutting down: no new requests" in output, output
 
 
-# ------------------------------------------------------------------------ 9. OpenAI compatibility
+# -------------------------------------------------------------------------- OpenAI compatibility
 
 
 def test_null_means_unset(scripted):
@@ -493,7 +494,7 @@ def test_default_limits_match_the_script_help():
     assert f"(default {DEFAULT_SHUTDOWN_TIMEOUT:.0f})" in help_text
 
 
-# -------------------------------------------------------------------------------------------- 10. CLI
+# -------------------------------------------------------------------------------------------- CLI
 
 
 def test_cli_chat_with_stop_strings_on_a_model_that_favours_padding_rows(padding_loving):

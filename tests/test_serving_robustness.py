@@ -4,8 +4,7 @@ import threading
 
 import openai
 import pytest
-from conftest import ScriptedLM, ServerThread
-from test_engine import _build
+from conftest import ScriptedLM, ServerThread, build_engine_model
 
 from qwen import engine as engine_module
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
@@ -15,7 +14,7 @@ from qwen.tokenization_qwen import QWenTokenizer
 
 def overflowing(max_new_tokens: int) -> SamplingParams:
     """Divides every positive logit of a token already seen by ~1e-45: it overflows to inf, and softmax gives NaN
-    (set past the bounds check, which refuses it: what a defect further down would produce)."""
+    (set past the bounds check, which refuses it: what a bug further down would produce)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
     params.repetition_penalty = 1e-45
     return params
@@ -23,7 +22,7 @@ def overflowing(max_new_tokens: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def model():
-    return _build("llama")
+    return build_engine_model("llama")
 
 
 def test_a_sampling_failure_fails_only_its_own_request(model):
