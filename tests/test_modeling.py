@@ -309,7 +309,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_training_loss_runs_the_output_layer_only_at_supervised_positions():
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = torch.randint(0, TINY_VOCAB, (2, 16))
     labels = ids.masked_fill(torch.arange(16) < 9, -100)  # prompts: the first 9 tokens of each row
     labels[1, 12:] = -100  # right padding
     results = []
@@ -321,12 +321,12 @@ def test_training_loss_runs_the_output_layer_only_at_supervised_positions():
         out.loss.backward()
         results.append((out.loss.detach(), model.transformer.h[0].mlp.w1.weight.grad.clone(), rows, out.logits))
     (full_loss, full_grad, full_rows, full_logits), (loss, grad, rows, logits) = results
-    assert full_rows == [32] and full_logits.shape == (2, 16, VOCAB)
+    assert full_rows == [32] and full_logits.shape == (2, 16, TINY_VOCAB)
     assert rows == [7 + 3] and logits is None  # the labels 9..15 of row 0 and 9..11 of row 1, one step earlier
     torch.testing.assert_close(loss, full_loss)
     torch.testing.assert_close(grad, full_grad)
     model.eval()  # evaluation keeps the logits (compute_metrics reads them)
-    assert model(ids, labels=labels).logits.shape == (2, 16, VOCAB)
+    assert model(ids, labels=labels).logits.shape == (2, 16, TINY_VOCAB)
 
 
 def test_save_and_load_round_trip(tmp_path):
