@@ -20,9 +20,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from qwen_generation_utils import DEFAULT_SYSTEM, ENDOFTEXT, IM_END, IM_START
 
+from .chat_api import chat_stop_tokens, is_chat_model
 from .configuration_qwen import QWenConfig
 from .errors import CheckpointError, UsageError
 from .modeling_qwen import dynamic_ntk_alpha
@@ -236,22 +238,23 @@ def _export_weights(config: QWenConfig, source: Path, out: Path, dtype: torch.dt
 # The export
 
 
-def _generation_config(source: Path, tokenizer, *, chat: bool):
-    from transformers import GenerationConfig
-
-    from qwen_generation_utils import chatml_ids, eod_id
-
+def _source_generation_config(source: Path) -> dict:
+    """The checkpoint's generation_config.json ({} when it has none)."""
     source_file = source / "generation_config.json"
-    source_config = json.loads(source_file.read_text(encoding="utf-8")) if source_file.is_file() else {}
-    eos = source_config.get("eos_token_id", eod_id(tokenizer))
-    stop = {eos} if isinstance(eos, int) else set(eos)
-    if chat:
-        stop |= set(chatml_ids(tokenizer))  # the stop words of make_context's replies: <|im_end|>, <|im_start|>
+    return json.loads(source_file.read_text(encoding="utf-8")) if source_file.is_file() else {}
+
+
+def _generation_config(source: Path, tokenizer):
+    from qwen_generation_utils import eod_id
+
+    source_config = _source_generation_config(source)
+    # Every id that ends a reply here (eos, <|im_end|>, <|im_start|>, one-token stop words) is an eos id there.
+    stop = chat_stop_tokens(tokenizer, GenerationConfig(**source_config))[0]
     kwargs = {key: source_config[key] for key in PORTABLE_GENERATION_KEYS if key in source_config}
     if kwargs.get("top_k") == 0:  # QWen's "no top-k"; engines disagree on what 0 means, so leave it out
         del kwargs["top_k"]
     pad = source_config.get("pad_token_id", eod_id(tokenizer))
-    return GenerationConfig(eos_token_id=sorted(stop), pad_token_id=pad, bos_token_id=None, **kwargs)
+    return GenerationConfig(eos_token_id=list(stop), pad_token_id=pad, bos_token_id=None, **kwargs)
 
 
 def export_qwen2(
@@ -299,11 +302,7 @@ def export_qwen2(
         raise UsageError("the export must go to a new directory, not over the source checkpoint.")
     out.mkdir(parents=True, exist_ok=True)
 
-    generation_file = source / "generation_config.json"
-    chat_format = "chatml"
-    if generation_file.is_file():
-        chat_format = json.loads(generation_file.read_text(encoding="utf-8")).get("chat_format", "chatml")
-    chat = chat_format == "chatml"
+    chat = is_chat_model(GenerationConfig(**_source_generation_config(source)))
 
     qwen2_config, written_dtype = _export_weights(config, source, out, dtype)
     rope_parameters = long_context_rope(config, max_positions, rope)
@@ -312,7 +311,7 @@ def export_qwen2(
         max_positions, seq_length
     )
     tokenizer = _export_tokenizer(source, out, chat=chat, max_length=qwen2_config.max_position_embeddings)
-    generation = _generation_config(source, tokenizer, chat=chat)
+    generation = _generation_config(source, tokenizer)
     qwen2_config.architectures = ["Qwen2ForCausalLM"]
     qwen2_config.sliding_window = None
     qwen2_config.eos_token_id = generation.eos_token_id
