@@ -124,7 +124,8 @@ def run_variant(variant: str, args, queue) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        # The original's model computes the output layer at every position; ours only where a label is supervised.
+        # The original's model computes the output layer at every position; finetune.py's training steps, only
+        # where a label is supervised.
         loss = model(**batch, skip_logits=variant != "original").loss
         loss.backward()
         optimizer.step()

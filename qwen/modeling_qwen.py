@@ -489,11 +489,11 @@ class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        skip_logits: bool | None = None,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """With `labels` in training mode (or `skip_logits=True`) only the loss is computed, and the output layer
-        runs only at the positions a label supervises; `logits` is then None (as with Liger's fused loss)."""
+        """`skip_logits=True` with `labels` (finetune.py's training steps): only the loss is computed, the output
+        layer runs only at the positions a label supervises, and `logits` is None (as with Liger's fused loss)."""
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -505,7 +505,7 @@ class QWenLMHeadModel(QWenChatMixin, QWenPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state  # (B, T, H)
         loss = logits = None
-        if labels is not None and (self.training if skip_logits is None else skip_logits):
+        if labels is not None and skip_logits:
             # The 151,936-wide output layer is most of a small model's step: prompts, padding and packed
             # separators carry no label, so their logits are never materialized. Same loss, same gradients.
             shift_labels = kwargs.pop("shift_labels", None)

@@ -96,3 +96,27 @@ def test_same_seed_gives_the_same_lora_adapter(tmp_path, golden_checkpoint):
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for key in adapters[0]:
         assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
+def test_training_steps_compute_the_output_layer_only_where_a_label_is_supervised(tmp_path):
+    from conftest import TINY_VOCAB, tiny_model
+    from transformers import TrainingArguments
+
+    from qwen.sft import SFTCollator
+    from qwen.sft.train import SFTTrainer
+
+    torch.manual_seed(0)
+    samples = []
+    for length, prompt in ((12, 5), (7, 3), (9, 8), (5, 1)):
+        ids = torch.randint(1, TINY_VOCAB, (length,)).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    model = tiny_model().train()
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=samples, data_collator=SFTCollator(pad_id=0))
+    trainer.train()
+    # labels are shifted by one: a sample of n tokens with p unsupervised ones has n - p targets
+    assert rows == [(12 - 5) + (7 - 3) + (9 - 8) + (5 - 1)]  # not 4 x 12 padded positions
+    assert trainer.trained_tokens == sum(rows)

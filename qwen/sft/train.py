@@ -58,7 +58,8 @@ class SFTTrainer(transformers.Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
-        return super().training_step(model, inputs, *args, **kwargs)
+        # A training step needs only the loss: no logits at unsupervised positions (evaluation keeps them all).
+        return super().training_step(model, {**inputs, "skip_logits": True}, *args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
