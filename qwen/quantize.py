@@ -155,9 +155,9 @@ def quiet_gptqmodel() -> None:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     import logging
 
-    from logbar import LogBar
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its import prints a blank line
+        from logbar import LogBar
 
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its creation prints a blank line
         LogBar.shared().setLevel(logging.WARNING)
 
 

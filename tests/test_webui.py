@@ -224,8 +224,10 @@ def test_ctrl_c_right_after_the_page_starts_exits_quietly():
     """Ctrl-C while gradio is still starting stops the page like a later one: status 0, no traceback."""
     process = subprocess.Popen([sys.executable, "web_demo.py", "--server-port", str(free_port())], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = []
     try:
         for line in process.stdout:
+            started.append(line)
             if line.startswith("Chat page on"):
                 assert "--share with --auth" in line  # never a hint to share a page without a login
                 process.send_signal(signal.SIGINT)
@@ -235,6 +237,7 @@ def test_ctrl_c_right_after_the_page_starts_exits_quietly():
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0 and "Traceback" not in output, output
+    assert [line.split(" ")[0] for line in started] == ["Running", "Loaded", "Chat"], started  # no library bars
 
 
 def test_the_page_html_carries_the_blocks_title_escaped():
