@@ -344,10 +344,11 @@ class QWenPreTrainedModel(PreTrainedModel):
             kwargs["attn_implementation"] = "flash_attention_2"
         kernel = quantize.default_kernel_kwargs(config.to_dict(), _on_gpu(kwargs.get("device_map")), kwargs)
         with quantize.kernel_choice_quietly(bool(kernel)):
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kernel, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kernel, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on output_loading_info
         if quantize.model_gptq(model) is not None:
             quantize.run_kernels_eagerly(model)  # as qwen.loading: no per-Linear recompiles (and dynamo's warning)
-        return model
+        return loaded
 
 
 class QWenModel(QWenPreTrainedModel):

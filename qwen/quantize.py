@@ -111,9 +111,11 @@ def kernel_choice_quietly(ours: bool):
     precedence as transformers documents, and the warning would blame the caller for an argument never passed."""
     import warnings
 
+    if not ours:  # warnings' filters stay as they are (catch_warnings would reset them on the way out)
+        yield
+        return
     with warnings.catch_warnings():
-        if ours:
-            warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
+        warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
         yield
 
 
