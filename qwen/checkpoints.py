@@ -5,6 +5,7 @@ both write what `qwen.loading` reads: config.json with the hub's auto_map, gener
 tokenizer_config.json, qwen.tiktoken (or the source's own tokenizer), safetensors shards + index.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -214,9 +215,21 @@ def load_llama(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
             "directory or a .gguf file). Use the QWen checkpoint as it is with -c."
         )
     location, gguf = (source.parent, {"gguf_file": source.name}) if source.is_file() else (source, {})
-    tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **gguf)
+    with _bars_on_a_terminal_only():
+        tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **gguf)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _bars_on_a_terminal_only():
+    """Progress bars on a terminal only: transformers' GGUF reading draws its bar with tqdm directly (no hook or
+    switch), redrawn ten times a second, and in a log or a pipe every redraw is a line of its own."""
+    if sys.stderr.isatty():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # errors still raise
+        yield
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoints import TINY_FORMATS, convert_llama, load_llama, make_tiny_checkpoint
 from .errors import CheckpointError, UserError
+from .scripts import quiet_libraries
 
 
 def _command_tiny(args) -> None:
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     to_qwen2.set_defaults(run=_command_to_qwen2)
 
     args = parser.parse_args(argv)
+    quiet_libraries()  # no transformers "Loading weights" bar after the GGUF's own, no library notes
     try:
         args.run(args)
     except (UserError, ValueError) as exc:

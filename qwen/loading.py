@@ -22,6 +22,7 @@ from .quantize import (
     describe_model,
     gptq_load_kwargs,
     gptq_quantization,
+    kernel_choice_quietly,
     model_gptq,
     run_kernels_eagerly,
 )
@@ -170,8 +171,8 @@ def resolve_device(device: str | None, cpu_only: bool) -> str:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str, config: dict | None = None) -> torch.dtype:
     """dtype None/"auto": the model's own automatic precision (modeling_qwen.auto_dtype: config.json's
-    bf16/fp16/fp32 flag, else native bf16 / fp16 on a GPU, else fp32), except fp32 for a GPTQ checkpoint on the
-    CPU, whose kernel is exact in fp32 only. `config`: config.json as a dict."""
+    bf16/fp16/fp32 flag, else native bf16 / fp16 on a GPU, else fp32; fp32 for a GPTQ checkpoint on the CPU).
+    `config`: config.json as a dict."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -180,13 +181,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str, config: dict | N
 
         on_gpu = device != "cpu" and torch.cuda.is_available()
         config = config or {}
-        if gptq_quantization(config) is not None and not on_gpu:
-            return torch.float32
         try:
             flagged = QWenConfig(**{k: config[k] for k in PRECISION_FLAGS if k in config}).precision_dtype_name()
         except ValueError as exc:
             raise CheckpointError(f"config.json: {exc}") from None
-        return auto_dtype(flagged, on_gpu)
+        return auto_dtype(flagged, on_gpu, gptq_quantization(config) is not None)
     if str(dtype).lower() not in DTYPES:
         raise CheckpointError(f"Unknown dtype {dtype!r}; use one of auto, bf16, fp16, fp32.")
     return DTYPES[str(dtype).lower()]
@@ -249,13 +248,13 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, device, config)
     if device != "cpu":
         model_kwargs.setdefault("device_map", device)  # straight onto the GPU(s), not through the CPU
-    for key, value in gptq_load_kwargs(config, device).items():  # GPTQ: the kernel for this device
-        model_kwargs.setdefault(key, value)
+    kernel = {k: v for k, v in gptq_load_kwargs(config, device).items() if k not in model_kwargs}  # GPTQ's, here
     if use_cache_quantization is not None:
         model_kwargs["use_cache_quantization"] = use_cache_quantization  # a config.json override
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
+        with kernel_choice_quietly(bool(kernel)):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kernel, **model_kwargs)
     except (OSError, SafetensorError) as exc:  # unreadable or truncated files
         raise CheckpointError(f"Could not load the checkpoint in {path}: {exc}. {download_hint()}") from exc
     if model_gptq(model) is not None:

@@ -30,6 +30,7 @@ from qwen_generation_utils import (
     StopWordsLogitsProcessor,
 )
 
+from . import quantize
 from .chat_api import QWenChatMixin
 from .compat import CACHE_ARG, LEGACY_CACHE_ARG, accepts_legacy_cache_name, cache_kwargs, output_cache
 from .configuration_qwen import QWenConfig
@@ -263,21 +264,29 @@ def native_cuda_dtype() -> torch.dtype:
     return torch.float32
 
 
-def auto_dtype(flagged: str | None, on_gpu: bool) -> torch.dtype:
+def auto_dtype(flagged: str | None, on_gpu: bool, gptq: bool = False) -> torch.dtype:
     """The one automatic precision (from_pretrained without dtype=, and qwen.loading's "auto"), as the original:
     config.json's bf16/fp16/fp32 flag (`flagged`: its torch dtype name), else the GPU's native half precision,
-    else fp32."""
+    else fp32; always fp32 for GPTQ weights on the CPU, whose kernel is exact in fp32 only."""
+    if gptq and not on_gpu:
+        return torch.float32
     if flagged is not None:
         return getattr(torch, flagged)
     return native_cuda_dtype() if on_gpu else torch.float32
 
 
-def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
-    """auto_dtype for from_pretrained: on a GPU unless device_map keeps everything on the CPU (or disk)."""
+def _on_gpu(device_map) -> bool:
+    """from_pretrained's target: a GPU unless there is none or device_map keeps everything on the CPU (or disk)."""
     on_cpu = device_map in ("cpu", torch.device("cpu")) or (
         isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu", "disk"}
     )
-    return auto_dtype(config.precision_dtype_name(), torch.cuda.is_available() and not on_cpu)
+    return torch.cuda.is_available() and not on_cpu
+
+
+def _resolve_precision(config: QWenConfig, device_map) -> torch.dtype:
+    """auto_dtype for from_pretrained."""
+    gptq = quantize.gptq_quantization(config.to_dict()) is not None
+    return auto_dtype(config.precision_dtype_name(), _on_gpu(device_map), gptq)
 
 
 def _flash_attn_usable(config: QWenConfig) -> bool:
@@ -322,7 +331,8 @@ class QWenPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As PreTrainedModel.from_pretrained; without dtype= the precision follows the original (see README)."""
+        """As PreTrainedModel.from_pretrained; without dtype= the precision follows the original (see README), and
+        a GPTQ checkpoint gets the scripts' kernel (qwen.quantize) unless quantization_config= names one."""
         dtype = kwargs.pop("dtype", None)
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         config = kwargs.get("config")
@@ -334,7 +344,13 @@ class QWenPreTrainedModel(PreTrainedModel):
         half = dtype in (torch.bfloat16, torch.float16, "bfloat16", "float16")
         if "attn_implementation" not in kwargs and half and _flash_attn_usable(config):
             kwargs["attn_implementation"] = "flash_attention_2"
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kwargs)
+        kernel = quantize.default_kernel_kwargs(config.to_dict(), _on_gpu(kwargs.get("device_map")), kwargs)
+        with quantize.kernel_choice_quietly(bool(kernel)):
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, dtype=dtype, **kernel, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on output_loading_info
+        if quantize.model_gptq(model) is not None:
+            quantize.run_kernels_eagerly(model)  # as qwen.loading: no per-Linear recompiles (and dynamo's warning)
+        return loaded
 
 
 class QWenModel(QWenPreTrainedModel):

@@ -95,6 +95,30 @@ def gptq_load_kwargs(config: dict, device: str, trainable: bool = False) -> dict
     return {"quantization_config": GPTQConfig(bits=quantization["bits"], backend=backend)}
 
 
+def default_kernel_kwargs(config: dict, on_gpu: bool, chosen: dict) -> dict:
+    """What QWenPreTrainedModel.from_pretrained (the Auto classes' path) adds for a GPTQ checkpoint: the kernel
+    the scripts load (gptq_load_kwargs), unless the caller's `chosen` keyword arguments or config.json name one."""
+    quantization = gptq_quantization(config)
+    if quantization is None or chosen.get("quantization_config") is not None or quantization.get("backend"):
+        return {}
+    return gptq_load_kwargs(config, "cuda" if on_gpu else "cpu")
+
+
+@contextlib.contextmanager
+def kernel_choice_quietly(ours: bool):
+    """transformers warns when a from_pretrained quantization_config meets config.json's; when it is ours (`ours`:
+    default_kernel_kwargs / gptq_load_kwargs chose it) it only names the kernel, a loading attribute that takes
+    precedence as transformers documents, and the warning would blame the caller for an argument never passed."""
+    import warnings
+
+    if not ours:  # warnings' filters stay as they are (catch_warnings would reset them on the way out)
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
+        yield
+
+
 def model_gptq(model) -> dict | None:
     """A loaded model's GPTQ quantization_config as a dict, or None when its weights are not GPTQ."""
     return gptq_quantization(_as_dict(model.config))
@@ -133,9 +157,9 @@ def quiet_gptqmodel() -> None:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     import logging
 
-    from logbar import LogBar
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its import prints a blank line
+        from logbar import LogBar
 
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its creation prints a blank line
         LogBar.shared().setLevel(logging.WARNING)
 
 
@@ -233,10 +257,12 @@ __all__ = [
     "GPTQ_BITS",
     "GPTQ_GROUP_SIZE",
     "check_gptq_checkpoint",
+    "default_kernel_kwargs",
     "describe_model",
     "gptq_config",
     "gptq_load_kwargs",
     "gptq_quantization",
+    "kernel_choice_quietly",
     "kernel_name",
     "model_gptq",
     "quantize",

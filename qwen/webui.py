@@ -18,6 +18,7 @@ one person at a time. Here:
 
 from __future__ import annotations
 
+import html
 import signal
 import sys
 import threading
@@ -238,12 +239,47 @@ def serve_page(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 8080, sh
 
 def launch_page(demo: gr.Blocks, *, server_name: str, server_port: int, share: bool = False, inbrowser: bool = False,
                 auth: tuple[str, str] | None = None, max_queue: int = 64, prevent_thread_lock: bool = False) -> None:
-    """Serve the page: gradio's queue (`max_queue` events waiting), uploads refused, gradio's banner quiet."""
+    """Serve the page: gradio's queue (`max_queue` events waiting), uploads refused, gradio's banner quiet, the
+    Blocks' title in the HTML."""
+    from starlette.middleware import Middleware
+
     demo.queue(max_size=max_queue).launch(
         server_name=server_name, server_port=server_port, share=share, inbrowser=inbrowser, auth=auth,
         max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, show_error=True, quiet=True,
         prevent_thread_lock=prevent_thread_lock,
+        app_kwargs={"middleware": [Middleware(TitleInPage, title=demo.title)]},
     )
+
+
+class TitleInPage:
+    """ASGI middleware: gradio's page template has no <title> (its JavaScript sets the tab's title once it runs),
+    so the page's HTML gets one; a tab, a bookmark or a client without JavaScript then names the page at once."""
+
+    def __init__(self, app, title: str):
+        self.app, self.tag = app, f"<title>{html.escape(title)}</title>".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/":
+            return await self.app(scope, receive, send)
+        start, chunks = {}, []
+
+        async def send_titled(message):
+            if message["type"] == "http.response.start":
+                start.update(message)  # sent with the body: its content-length changes
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            if dict(headers).get(b"content-type", b"").startswith(b"text/html") and b"<title>" not in body:
+                body = body.replace(b"<head>", b"<head>" + self.tag, 1)
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, send_titled)
 
 
 __all__ = ["Defaults", "WebChat", "build_demo", "create_page", "launch_page", "serve_page", "to_messages"]

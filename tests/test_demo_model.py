@@ -174,3 +174,38 @@ def test_a_second_process_waits_for_the_first_then_uses_its_result(tmp_path):
     out, err = waiter.communicate(timeout=120)
     assert waiter.returncode == 0, err
     assert out.strip() == str(checkpoint)
+
+
+def convert_demo_env(demo_checkpoint, demo_dir):
+    """`python -m qwen.convert demo` into a fresh QWEN_DEMO_DIR holding (a link to) the cached GGUF: it converts,
+    never downloads, and leaves the prepared demo model alone."""
+    gguf = demo_gguf(demo_checkpoint.parent)
+    (demo_dir / gguf.name).symlink_to(gguf)
+    return registry_down_env(demo_dir)
+
+
+def test_converting_away_from_a_terminal_prints_a_few_lines_and_no_bars(demo_checkpoint, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "qwen.convert", "demo"], env=convert_demo_env(demo_checkpoint, tmp_path),
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=600)  # fmt: skip
+    err = done.stderr.decode()  # bytes: text mode would turn a bar's "\r" redraws into lines
+    assert done.returncode == 0, err[-3000:]
+    assert done.stdout.decode().strip() == str(tmp_path / "SmolLM2-135M-Instruct-qwen")
+    assert "\r" not in err  # no bar redrawn into the log
+    assert [line.split(" ")[2] for line in err.splitlines()] == ["converting", "demo"], err
+
+
+def test_converting_on_a_terminal_draws_one_bar_in_place(demo_checkpoint, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "qwen.convert", "demo"], env=convert_demo_env(demo_checkpoint, tmp_path),
+                          cwd=str(Path(__file__).resolve().parents[1]), dimensions=(24, 100), timeout=600,
+                          encoding="utf-8")  # fmt: skip
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before[-3000:]
+    rows = child.before.split("\r\n")  # the terminal's lines; a bar redraws its own row after "\r"
+    bars = [row for row in rows if "%|" in row]
+    assert len(bars) == 1 and "GGUF tensors" in bars[0], rows  # transformers' "Loading weights" bar is not drawn
+    redraws = bars[0].strip("\r").split("\r")
+    assert len(redraws) > 1 and redraws[-1].split(":")[1].lstrip().startswith("100%"), redraws
+    assert max(map(len, redraws)) <= 100  # each fits the terminal's width, so "\r" goes back to its start
+    assert [row.split(" ")[2] for row in rows if row.startswith("[qwen demo]")] == ["converting", "demo"]

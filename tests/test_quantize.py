@@ -175,23 +175,42 @@ def test_loaded_model_computes_what_the_packed_tensors_say(quantized, capfd):
 
 
 @torch.no_grad()
-def test_the_auto_classes_as_the_readme_shows_use_the_scripts_kernel(int4):
-    """README "Quantization": AutoModelForCausalLM with GPTQConfig(backend="gptq_torch") on the CPU, the scripts'
-    kernel; GPT-QModel's own CPU default (TorchAtenLinear) rounds activations to bf16 and is measurably off."""
+def test_the_auto_classes_load_the_scripts_exact_kernel(quantized, recwarn):
+    """README "Quantization": AutoModelForCausalLM.from_pretrained(dir) with no kernel named, and the model class
+    itself, load what the scripts load on the CPU (TorchLinear, fp32 activations, run eagerly) and compute what the
+    packed tensors say. GPT-QModel's own CPU choice (backend "auto": TorchAtenLinear for Int4, activations rounded
+    to bf16) misses the same bound, so the bound tells the kernels apart."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-    scripts, _ = load_model_and_tokenizer(str(int4), dtype="fp32", cpu_only=True)
-    readme = AutoModelForCausalLM.from_pretrained(
-        int4, dtype=torch.float32, quantization_config=GPTQConfig(bits=4, backend="gptq_torch")
-    )
-    default = AutoModelForCausalLM.from_pretrained(int4, dtype=torch.float32)
+    from qwen.modeling_qwen import QWenLMHeadModel
     from qwen.quantize import kernel_name
 
-    assert kernel_name(readme) == kernel_name(scripts) == "TorchLinear"
-    ids = torch.tensor([AutoTokenizer.from_pretrained(int4).encode(TEXT)])
-    expected = reference_model(int4, 4)(ids).logits
-    assert (readme(ids).logits - expected).abs().max().item() <= 1e-3
-    assert (default(ids).logits.float() - expected).abs().max().item() > 1e-3  # why the README names the kernel
+    bits, path = quantized
+    ids = torch.tensor([AutoTokenizer.from_pretrained(path).encode(TEXT)])
+    expected = reference_model(path, bits)(ids).logits
+    for model in (AutoModelForCausalLM.from_pretrained(path), QWenLMHeadModel.from_pretrained(path)):
+        assert (kernel_name(model), model.dtype) == ("TorchLinear", torch.float32)
+        assert not [m for m in model.modules() if "dequantize_weight" in vars(m)]  # eager, as the scripts
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-3
+    assert not [w for w in recwarn if "quantization_config" in str(w.message)]  # no word of an argument not passed
+    if bits == 4:
+        own = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=4, backend="auto"))
+        assert kernel_name(own) == "TorchAtenLinear"
+        assert (own(ids).logits.float() - expected).abs().max().item() > 1e-3
+
+
+def test_a_kernel_the_caller_or_config_names_is_kept():
+    from transformers import GPTQConfig
+
+    from qwen.quantize import default_kernel_kwargs
+
+    config = {"quantization_config": {"quant_method": "gptq", "bits": 4}}
+    assert default_kernel_kwargs(config, False, {})["quantization_config"].backend == "gptq_torch"
+    assert default_kernel_kwargs(config, True, {}) == {}  # a GPU: GPT-QModel's fastest kernel for the card
+    assert default_kernel_kwargs(config, False, {"quantization_config": GPTQConfig(bits=4, backend="auto")}) == {}
+    named = {"quantization_config": {**config["quantization_config"], "backend": "gptq_torch_aten"}}
+    assert default_kernel_kwargs(named, False, {}) == {}
+    assert default_kernel_kwargs({}, False, {}) == {}
 
 
 def test_loading_undoes_the_per_linear_compile_of_the_dequantization(int4):

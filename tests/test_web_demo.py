@@ -5,6 +5,7 @@ artifacts/web_demo.png. Chromium is Debian's (/usr/bin/chromium, or $QWEN_CHROMI
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -138,6 +139,13 @@ def ask(page, text: str) -> str:
     send(page, text)
     wait_idle(page)
     return bot_messages(page)[-1]
+
+
+def test_the_served_html_names_the_page(server):
+    """The first response carries the tab's title (gradio's template has none; its JavaScript sets one later)."""
+    with urllib.request.urlopen(server, timeout=30) as response:
+        page = response.read().decode()
+    assert re.findall(r"<title>(.*?)</title>", page) == ["Demo model (SmolLM2, not Qwen) chat"]
 
 
 def test_chat_regenerate_clear_and_screenshot(new_page):

@@ -1,9 +1,11 @@
 """The web page's chat logic (qwen.webui.WebChat) driven directly, with a scripted engine and the demo tokenizer."""
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from types import SimpleNamespace
 
 import gradio as gr
@@ -13,7 +15,7 @@ from transformers import GenerationConfig
 
 from qwen.chat_backend import ChatBackend
 from qwen.engine import FinishEvent, PromptTooLongError, QueueFullError, TokenEvent
-from qwen.webui import WebChat
+from qwen.webui import WebChat, launch_page
 from qwen_generation_utils import chatml_ids, make_context
 
 SYSTEM = "You are a helpful assistant."
@@ -222,8 +224,10 @@ def test_ctrl_c_right_after_the_page_starts_exits_quietly():
     """Ctrl-C while gradio is still starting stops the page like a later one: status 0, no traceback."""
     process = subprocess.Popen([sys.executable, "web_demo.py", "--server-port", str(free_port())], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = []
     try:
         for line in process.stdout:
+            started.append(line)
             if line.startswith("Chat page on"):
                 assert "--share with --auth" in line  # never a hint to share a page without a login
                 process.send_signal(signal.SIGINT)
@@ -233,3 +237,18 @@ def test_ctrl_c_right_after_the_page_starts_exits_quietly():
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0 and "Traceback" not in output, output
+    assert [line.split(" ")[0] for line in started] == ["Running", "Loaded", "Chat"], started  # no library bars
+
+
+def test_the_page_html_carries_the_blocks_title_escaped():
+    with gr.Blocks(title="Qwen <7B> & co chat") as demo:
+        gr.Markdown("page")
+    port = free_port()
+    launch_page(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            page = response.read().decode()
+            assert int(response.headers["content-length"]) == len(page.encode())
+    finally:
+        demo.close()
+    assert re.findall(r"<title>(.*?)</title>", page) == ["Qwen &lt;7B&gt; &amp; co chat"]
