@@ -25,6 +25,11 @@ class NotAChatModelError(UsageError, ValueError):
     """A chat feature asked of a base model (generation_config.chat_format is not "chatml")."""
 
 
+class ReActError(ValueError):
+    """A request that cannot be folded into the ReAct prompt (tools, tool calls, messages); the message says what
+    is wrong (HTTP 400, or a fine-tuning data error naming the sample)."""
+
+
 # Not a person's mistake: the model failed while answering. The servers answer 500 / 503 and go on.
 
 
@@ -52,6 +57,6 @@ class PromptTooLongError(ValueError):
 
 
 __all__ = [
-    "CheckpointError", "DataError", "EngineStoppedError", "GenerationError", "NotAChatModelError",
-    "PromptTooLongError", "QueueFullError", "ServerShutdownError", "UsageError", "UserError",
+    "CheckpointError", "DataError", "EngineStoppedError", "GenerationError", "NotAChatModelError", "PromptTooLongError",
+    "QueueFullError", "ReActError", "ServerShutdownError", "UsageError", "UserError",
 ]

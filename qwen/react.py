@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 from qwen_generation_utils import DEFAULT_SYSTEM
 
+from .errors import ReActError
+
 TOOL_DESC = (
     "{name_for_model}: Call this tool to interact with the {name_for_human} API. "
     "What is the {name_for_human} API useful for? {description_for_model} Parameters: {parameters}"
@@ -62,10 +64,6 @@ class _TextCompletion:
 # parse_messages() returns this as the query when the conversation ends with tool results: the prompt is the
 # history with its last assistant turn left open (no <|im_end|>) and ending in "\nThought:".
 TEXT_COMPLETION = _TextCompletion()
-
-
-class ReActError(ValueError):
-    """A request that cannot be folded into the ReAct prompt; the message says what is wrong (HTTP 400)."""
 
 
 # ----------------------------------------------------------------------------------------------- tools
