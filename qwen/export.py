@@ -244,10 +244,10 @@ def _source_generation_config(source: Path) -> dict:
     return json.loads(source_file.read_text(encoding="utf-8")) if source_file.is_file() else {}
 
 
-def _generation_config(source: Path, tokenizer):
+def _generation_config(source_config: dict, tokenizer):
+    """generation_config.json for the export, from the checkpoint's (`source_config`)."""
     from qwen_generation_utils import eod_id
 
-    source_config = _source_generation_config(source)
     # Every id that ends a reply here (eos, <|im_end|>, <|im_start|>, one-token stop words) is an eos id there.
     stop = chat_stop_tokens(tokenizer, GenerationConfig(**source_config))[0]
     kwargs = {key: source_config[key] for key in PORTABLE_GENERATION_KEYS if key in source_config}
@@ -302,7 +302,8 @@ def export_qwen2(
         raise UsageError("the export must go to a new directory, not over the source checkpoint.")
     out.mkdir(parents=True, exist_ok=True)
 
-    chat = is_chat_model(GenerationConfig(**_source_generation_config(source)))
+    source_generation = _source_generation_config(source)
+    chat = is_chat_model(GenerationConfig(**source_generation))
 
     qwen2_config, written_dtype = _export_weights(config, source, out, dtype)
     rope_parameters = long_context_rope(config, max_positions, rope)
@@ -311,7 +312,7 @@ def export_qwen2(
         max_positions, seq_length
     )
     tokenizer = _export_tokenizer(source, out, chat=chat, max_length=qwen2_config.max_position_embeddings)
-    generation = _generation_config(source, tokenizer)
+    generation = _generation_config(source_generation, tokenizer)
     qwen2_config.architectures = ["Qwen2ForCausalLM"]
     qwen2_config.sliding_window = None
     qwen2_config.eos_token_id = generation.eos_token_id
