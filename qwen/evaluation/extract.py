@@ -73,14 +73,14 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 def _python_number(text: str) -> int | float | None:
-    """What the original's eval(text) gave for a numeric literal (without eval): int, float, or None where Python
-    rejects it (an int with leading zeros, "1.2.3")."""
+    """The number the original got by evaluating `text` as a Python literal, read here with int() / float() and
+    never executed: int, float, or None where Python rejects the literal (an int with leading zeros, "1.2.3")."""
     digits = text.lstrip("+-")
     try:
         if "." in digits:
             return float(text)
         if len(digits) > 1 and digits.startswith("0") and digits.strip("0"):
-            return None  # eval("007") is a SyntaxError
+            return None  # Python rejects the literal 007 (SyntaxError)
         return int(text)
     except ValueError:
         return None
