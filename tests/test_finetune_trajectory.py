@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference
+from conftest import TINY_VOCAB, load_reference, tiny_model
 from safetensors.torch import load_file
 
 from qwen.checkpoints import (
@@ -99,7 +99,6 @@ def test_same_seed_gives_the_same_lora_adapter(tmp_path, golden_checkpoint):
 
 
 def test_training_steps_compute_the_output_layer_only_where_a_label_is_supervised(tmp_path):
-    from conftest import TINY_VOCAB, tiny_model
     from transformers import TrainingArguments
 
     from qwen.sft import SFTCollator
