@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_checkpoint(args)
     app = create_app(model, tokenizer, model_names=args.model_names or [default_model_name(args.checkpoint_path)],
                      api_key=args.api_key, api_auth=args.api_auth, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue, threads=args.threads, **safety_settings(args))
+                     max_queue=args.max_queue, threads=args.threads, compile_decode=args.compile,
+                     **safety_settings(args))
     if args.disable_gc:
         gc.disable()
     serve(app, host=args.server_name, port=args.server_port)

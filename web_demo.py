@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         require_chat_model(model.generation_config, "web_demo.py")
     title = "Demo model (SmolLM2, not Qwen)" if args.checkpoint_path is None else checkpoint_name(args.checkpoint_path)
     demo = create_page(model, tokenizer, title=title, max_batch_size=args.max_batch_size,
-                       concurrency=args.concurrency, threads=args.threads, system=args.system,
+                       concurrency=args.concurrency, threads=args.threads, compile_decode=args.compile,
+                       system=args.system,
                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     return serve_page(demo, host=args.server_name, port=args.server_port, share=args.share,
                       inbrowser=args.inbrowser, auth=args.auth, concurrency=args.concurrency)

@@ -33,12 +33,12 @@ class Piece:
 
 
 def chat_engine(model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, compile_decode: bool = False) -> Engine:
     """The engine every script generates with (API, web page, benchmarks): its context limit is the model's unless
     given, and the output layer's padding rows past the tokenizer are never sampled."""
     return Engine(model, max_batch_size=max_batch_size, max_queue=max_queue,
                   max_context=max_context or model_context_length(model), decodable_tokens=len(tokenizer),
-                  threads=threads)
+                  threads=threads, compile_decode=compile_decode)
 
 
 class ChatBackend:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import logging
 import random
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -29,9 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .compat import cache_kwargs
+from .compiled_decode import CompiledDecode, why_not_compilable
 from .errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from .sampling import INVALID, SamplerState, SamplingParams, sample
 from .slot_cache import SPARE, SlotCache, store_for
+
+log = logging.getLogger(__name__)
 
 # Prompt tokens fed per step, all prefilling requests together: a long prompt is cut into chunks of this many
 # tokens, and the running requests get their next token between two chunks. On a CPU a step of 128 prompt tokens
@@ -192,7 +196,7 @@ class Engine:
         self, model, *, max_batch_size: int = 8, max_queue: int = 64, max_context: int | None = None,
         prefill_chunk: int | None = None,
         decodable_tokens: int | None = None, idle_release_s: float = DEFAULT_IDLE_RELEASE_S,
-        threads: int | None = None, prefix_cache: bool = True,
+        threads: int | None = None, prefix_cache: bool = True, compile_decode: bool = False,
     ):
         """decodable_tokens: only ids below it are ever sampled, i.e. len(tokenizer). The output layer may have
         more rows than the tokenizer has ids (Qwen's: 151,936 rows for 151,851 ids, padded for speed); the
@@ -200,7 +204,9 @@ class Engine:
         threads: torch's compute threads on the engine thread, set when it starts (None: as torch is set).
         prefix_cache: a free slot keeps the KV of the tokens its last request had in the cache, and a new request
         whose prompt starts with them takes that slot and computes only the rest (a chat resending its history);
-        it costs no memory beyond the slots, and the least recently used slot is the one overwritten first."""
+        it costs no memory beyond the slots, and the least recently used slot is the one overwritten first.
+        compile_decode: compile the decode step (qwen.compiled_decode: CPU models with packed weights) on a
+        background thread from now on; decode steps run eagerly until it is ready (`decode_step` says which)."""
         if max_queue < max_batch_size:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
@@ -239,8 +245,24 @@ class Engine:
         self._freed_at = [0] * max_batch_size
         self._frees = 0
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed (a statistic)
+        self.compiled_steps = 0  # decode steps run by the compiled graphs (a statistic)
         store = store_for(getattr(model, "config", None))  # int8 when the config asks for a quantized cache
         self._cache = SlotCache(max_batch_size, store=store, max_columns=max_context)
+        self._compiled: CompiledDecode | None = None
+        if compile_decode:
+            reason = why_not_compilable(model, store)
+            if reason is None:
+                self._compiled = CompiledDecode(model)
+                self._compiled.warm_up(threads)
+            else:
+                log.info("decoding eagerly: %s", reason)
+
+    @property
+    def decode_step(self) -> str:
+        """How decode steps run: "eager", "compiling" (eager meanwhile), "compiled", or "failed" (eager)."""
+        if self._compiled is None:
+            return "eager"
+        return {"ready": "compiled"}.get(self._compiled.state, self._compiled.state)
 
     # ---- caller side (any thread) ----
 
@@ -507,10 +529,18 @@ class Engine:
         (token, cache column it is written to, its position, last column it may attend to). Last logits [n, V]."""
         plan = self._cache.plan(rows, columns, self.device)
         mask = self._cache.attention_mask(plan, visible, self.dtype, self.device)
+        input_ids = torch.tensor(input_ids, device=self.device)
+        position_ids = torch.tensor(positions, device=self.device)
+        if plan.tokens == 1 and self._compiled is not None and self._compiled.state == "ready":
+            storage = self._cache.storage_of(plan)  # None when it must grow first: the eager step grows it
+            logits = None if storage is None else self._compiled(input_ids, position_ids, mask, plan.columns, *storage)
+            if logits is not None:
+                self.compiled_steps += 1
+                return logits.float()
         out = self.model(
-            input_ids=torch.tensor(input_ids, device=self.device),
+            input_ids=input_ids,
             attention_mask=mask,
-            position_ids=torch.tensor(positions, device=self.device),
+            position_ids=position_ids,
             use_cache=True,
             **cache_kwargs(self._cache),
             **kwargs,

@@ -42,13 +42,17 @@ API_PORT, PAGE_PORT = 8000, 8080  # the servers' default ports: apart, so both r
 
 
 def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """What both servers (API, web page) take: --server-port, --server-name, --threads."""
+    """What both servers (API, web page) take: --server-port, --server-name, --threads, --compile."""
     parser.add_argument("--server-port", type=port, default=default_port, help=f"port (default {default_port})")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model's math (default: one per core, less one for the server "
                              "itself on machines with more than 2 cores)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the CPU, compile the decode step with torch.compile in the background from the "
+                             "start (a minute or two the first time, seconds once inductor's disk cache has it; "
+                             "decoding is eager meanwhile, /health says which); --no-compile: eager only")
 
 
 def is_loopback(host: str) -> bool:
@@ -157,6 +161,7 @@ def quiet_libraries() -> None:
     logging.captureWarnings(True)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qwen.engine").setLevel(logging.INFO)  # its few lines: the decode step compiled, or why not
 
 
 def _without_loading_bar(factory, args, kwargs):

@@ -192,11 +192,12 @@ def build_demo(chat: WebChat, *, concurrency: int = 16) -> gr.Blocks:
 
 
 def create_page(model, tokenizer, *, title: str = "Qwen", max_batch_size: int = 8, concurrency: int = 16,
-                threads: int | None = None, **initial) -> gr.Blocks:
+                threads: int | None = None, compile_decode: bool = False, **initial) -> gr.Blocks:
     """The page serving `model` on its own engine (started by serve_page); `initial`: Defaults fields to start
     the settings with instead of the checkpoint's (None = the checkpoint's)."""
     backend = ChatBackend.from_model(model, tokenizer, max_batch_size=max_batch_size,
-                                     max_queue=max(64, concurrency), threads=threads)
+                                     max_queue=max(64, concurrency), threads=threads,
+                                     compile_decode=compile_decode)
     chat = WebChat(backend, title=title)
     chat.defaults = replace(chat.defaults, **{key: value for key, value in initial.items() if value is not None})
     demo = build_demo(chat, concurrency=concurrency)

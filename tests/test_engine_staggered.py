@@ -1,5 +1,8 @@
 """Eight requests joining, leaving and being cancelled at different steps, with prompts fed in chunks, each get
-exactly what they get when run alone: greedy ids and log-probabilities."""
+exactly what they get when run alone: greedy ids and log-probabilities. Also with the decode step compiled
+(qwen.compiled_decode), against the eager engine run alone."""
+
+import time
 
 import pytest
 import torch
@@ -36,13 +39,27 @@ def alone(model, prompt, n):
     return [e for e in handle if isinstance(e, TokenEvent)]
 
 
+def compiled_engine(model, **options) -> Engine:
+    """An engine whose decode step is compiled (its background compile waited for)."""
+    engine = Engine(model, compile_decode=True, **options)
+    deadline = time.monotonic() + 600
+    while engine.decode_step == "compiling" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.decode_step == "compiled"
+    return engine
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen", "llama", "qwen-packed"])
+@pytest.mark.parametrize("name", ["qwen", "llama", "qwen-packed", "qwen-compiled", "llama-compiled"])
 def test_staggered_joins_and_cancels_match_each_request_alone(name):
-    model = _build(name.removesuffix("-packed"))
-    if name.endswith("-packed"):  # what the scripts serve on the CPU
+    arch, _, variant = name.partition("-")
+    model = _build(arch)
+    if variant:  # what the scripts serve on the CPU: packed weights (and the servers compile the decode step)
         assert pack_linear_weights(model) > 0
-    engine = Engine(model, max_batch_size=6, prefill_chunk=CHUNK)
+    if variant == "compiled":
+        engine = compiled_engine(model, max_batch_size=6, prefill_chunk=CHUNK)
+    else:
+        engine = Engine(model, max_batch_size=6, prefill_chunk=CHUNK)
     handles, events, step, chunked = {}, {i: [] for i in range(len(REQUESTS))}, 0, set()
     while step < 8 or engine.num_running or engine.num_waiting:
         for i, (at, prompt, n) in enumerate(REQUESTS):
@@ -58,6 +75,7 @@ def test_staggered_joins_and_cancels_match_each_request_alone(name):
             handle._events.clear()
         step += 1
     assert id(handles[0]) in chunked
+    assert (engine.compiled_steps > 0) == (variant == "compiled")
     # under dynamic NTK a prompt whose first chunk would have another alpha is prefilled whole
     assert (id(handles[2]) in chunked) == (not name.startswith("qwen"))
     for i, (_, prompt, n) in enumerate(REQUESTS):

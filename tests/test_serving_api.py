@@ -7,6 +7,7 @@ The demo model serves the concurrency test, through the real `openai_api.py` pro
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import importlib.util
 import json
@@ -364,9 +365,52 @@ def api_process(*flags, env=None):
 
 @pytest.fixture(scope="module")
 def demo_server(demo_checkpoint):
+    # eager: a seeded sample repeats only on the same step (the compiled one's logits differ by rounding)
     with api_process("-c", str(demo_checkpoint), "--model-name", "qwen-demo", "--model-name", "gpt-3.5-turbo",
-                     "--api-key", "sk-demo") as server:
+                     "--api-key", "sk-demo", "--no-compile") as server:
         yield server
+
+
+def decode_step(url: str) -> str:
+    return httpx.get(url + "/health", timeout=5).json()["decode_step"]
+
+
+@pytest.mark.slow
+def test_the_server_compiles_its_decode_step_in_the_background_and_answers_as_the_eager_one(tmp_path):
+    """openai_api.py's default on the CPU: the decode step compiles on a thread while requests are served
+    eagerly; once /health says "compiled", greedy answers (3 at once) are the eager server's; a SIGTERM during
+    the compile still exits 0 at once."""
+    from qwen.checkpoints import make_tiny_checkpoint
+
+    checkpoint = str(make_tiny_checkpoint(tmp_path / "tiny"))
+    prompts = ["The capital of France", "One, two, three,", "def fibonacci(n):"]
+
+    def answers(url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            done = pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=12,
+                                                                temperature=0), prompts)
+            return [(c.choices[0].text, c.usage.completion_tokens) for c in done]
+
+    with api_process("-c", checkpoint, "--no-compile") as eager:
+        assert decode_step(eager.url) == "eager"
+        expected = answers(eager.url)
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # compiled from scratch, as on a new machine
+    with api_process("-c", checkpoint, env=cold) as server:
+        assert decode_step(server.url) == "compiling"
+        assert answers(server.url) == expected  # served meanwhile, eagerly
+        deadline = time.time() + 300
+        while decode_step(server.url) == "compiling" and time.time() < deadline:
+            time.sleep(1)
+        assert decode_step(server.url) == "compiled"
+        assert answers(server.url) == expected
+        server.process.terminate()
+        log = server.process.communicate(timeout=30)[0]
+    assert re.search(r"decode step compiled in \d+ s", log), log
+    with api_process("-c", checkpoint, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-2")}) as server:
+        assert decode_step(server.url) == "compiling"
+        server.process.terminate()
+        assert server.process.wait(30) == 0
 
 
 def readme_api_snippets() -> list[tuple[str, str]]:

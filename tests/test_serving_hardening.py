@@ -374,7 +374,7 @@ def test_sigterm_stops_admitting_cuts_running_requests_after_the_grace_period_an
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "openai_api.py", "-c", str(tiny_checkpoint), "--server-port", str(port),
-         "--model-name", "tiny", "--shutdown-timeout", "3"],
+         "--model-name", "tiny", "--shutdown-timeout", "3", "--no-compile"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:

@@ -99,7 +99,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, engine: Engine | None = None,
                threads: int | None = None, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-               limits: ConnectionLimits | None = None) -> FastAPI:
+               limits: ConnectionLimits | None = None, compile_decode: bool = False) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread runs while the app does (lifespan).
 
     api_key: accept `Authorization: Bearer <api_key>`; api_auth: accept HTTP Basic "user:pass". With neither,
@@ -109,13 +109,13 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     allowed_hosts: the Host names answered ("*": any; loopback names by default, against DNS rebinding).
     limits: connection cap and read / stall timeouts, applied by serve() (qwen.serving.guard).
     max_context defaults to the model's max_position_embeddings (or seq_length). threads: the engine thread's
-    compute threads (openai_api.py: --threads).
+    compute threads (openai_api.py: --threads). compile_decode: see Engine (openai_api.py: --compile).
     """
     check_secrets(api_key, api_auth)
     if allow_credentials and "*" in allowed_origins:
         raise ValueError("credentials cannot be allowed for any origin ('*'); list the origins that may use them")
     engine = engine or chat_engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                                   max_context=max_context, threads=threads)
+                                   max_context=max_context, threads=threads, compile_decode=compile_decode)
     server = OpenAIServer(ChatBackend(model, tokenizer, engine), model_names, accept_any_model=accept_any_model,
                           shutdown_timeout=shutdown_timeout)
     chat, completion = ChatCompletions(server), TextCompletions(server)
@@ -159,7 +159,7 @@ def create_app(model, tokenizer, *, model_names: Sequence[str] = ("qwen",), api_
     @app.get("/health")
     async def health():
         body = {"status": "stopping" if server.stopping else "ok", "running": engine.num_running,
-                "waiting": engine.num_waiting}
+                "waiting": engine.num_waiting, "decode_step": engine.decode_step}
         return JSONResponse(body, status_code=503 if server.stopping else 200)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(make_auth_check(api_key, api_auth))],
