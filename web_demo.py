@@ -10,11 +10,11 @@ import argparse
 import os
 import sys
 
-# Before torch loads OpenMP: idle compute threads spin only briefly (1000 rounds) before sleeping, instead of
+# Before torch loads OpenMP: idle compute threads spin only briefly (3000 rounds) before sleeping, instead of
 # OpenMP's 300,000, which under outside load made decode steps several times slower on 2 cores; see README
 # "Threads". OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment chooses otherwise.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "1000"
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from qwen.sampling import BOUNDS  # noqa: E402
 from qwen.scripts import (  # noqa: E402

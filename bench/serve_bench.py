@@ -1,7 +1,8 @@
 """Throughput of openai_api.py: aggregate tokens/s with 8 concurrent streaming clients vs 1, and time to first token,
 optionally against another OpenAI-compatible server (vLLM) driven with the same load in the same run.
 
-Starts the real server (the offline demo model unless -c is given) as a subprocess, or uses --url. Every client
+Starts the real server (the offline demo model unless -c is given) as a subprocess, or uses --url; a started server
+is measured once its decode step is compiled (its default on the CPU; --server-arg=--no-compile: eager). Every client
 streams a chat completion (greedy, --max-tokens, `ignore_eos` for servers that know it) through the `openai`
 client; tokens are counted from the final usage chunk. Prints tokens/s for 1 and N clients, their ratio (target
 >= 5x), p50/p95 TTFT and the server's peak memory; with --peer, the same for the peer and ours / peer per round
@@ -64,6 +65,12 @@ def wait_until_healthy(url: str, process, deadline: float, name: str, hint: str,
         except httpx.HTTPError:
             time.sleep(poll_s)
 
+
+def decode_step(url: str) -> str:
+    """How our server runs decode steps (/health): "compiled", "compiling", "eager", or "failed"."""
+    return httpx.get(url + "/health", timeout=5).json().get("decode_step", "?")
+
+
 @contextlib.contextmanager
 def running_server(checkpoint: str | None, threads: int | None, server_args: list[str]):
     """An openai_api.py child serving on a free port: yields (URL, pid); stopped on any exit, Ctrl-C included."""
@@ -82,6 +89,11 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 300
         wait_until_healthy(url, process, deadline, "openai_api.py", "run it by hand to see why", poll_s=0.5)
+        started = time.perf_counter()
+        while (step := decode_step(url)) == "compiling":  # measure the server as it runs once warm
+            time.sleep(1)
+        print(f"ours: decode step {step} ({time.perf_counter() - started:.0f} s after /health first answered)",
+              flush=True)
         yield url, process.pid
     finally:
         process.terminate()

@@ -252,8 +252,10 @@ class Engine:
         if compile_decode:
             reason = why_not_compilable(model, store)
             if reason is None:
+                # dynamo guards on the thread count: compile with the one the steps run with (step(): this thread's)
+                self.threads = torch.get_num_threads() if threads is None else threads
                 self._compiled = CompiledDecode(model)
-                self._compiled.warm_up(threads)
+                self._compiled.warm_up(self.threads)
             else:
                 log.info("decoding eagerly: %s", reason)
 

@@ -51,8 +51,8 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                              "itself on machines with more than 2 cores)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="on the CPU, compile the decode step with torch.compile in the background from the "
-                             "start (a minute or two the first time, seconds once inductor's disk cache has it; "
-                             "decoding is eager meanwhile, /health says which); --no-compile: eager only")
+                             "start (~40 s for the demo model on 2 cores; decoding is eager meanwhile, /health says "
+                             "which); --no-compile: eager only")
 
 
 def is_loopback(host: str) -> bool:
@@ -81,7 +81,7 @@ def prepare_server(args: argparse.Namespace) -> None:
     OpenMP team. With a second team (this thread's, from loading) OpenMP counts more threads than cores and makes
     idle threads sleep at once, which cost 20-30% of decode speed whenever spinning is allowed (see README
     "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
-    GOMP_SPINCOUNT=1000 in the environment before importing torch, unless it or OMP_WAIT_POLICY is set.
+    a short GOMP_SPINCOUNT in the environment before importing torch, unless it or OMP_WAIT_POLICY is set.
     """
     import os
 

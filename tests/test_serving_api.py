@@ -313,7 +313,8 @@ def test_queue_full_429_and_disconnect_frees_slot(tokenizer):
         assert health["running"] == 1
         stream.close()  # the client goes away mid-answer
         deadline = time.time() + 10
-        while httpx.get(server.url + "/health").json() != {"status": "ok", "running": 0, "waiting": 0}:
+        while httpx.get(server.url + "/health").json() != {"status": "ok", "running": 0, "waiting": 0,
+                                                           "decode_step": "eager"}:
             assert time.time() < deadline, "the closed stream still holds its slot"
             time.sleep(0.05)
         answer = client.chat.completions.create(model="s", messages=messages, max_tokens=2)
