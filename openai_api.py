@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.disable_gc:
         gc.disable()
     serve(app, host=args.server_name, port=args.server_port)
+    if app.state.server.backend.engine.decode_step == "compiling":
+        # stopped while the decode step compiles: its thread is in native code, under which the interpreter's
+        # teardown can abort the process; the server has already shut down cleanly, so leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
