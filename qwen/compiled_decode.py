@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache
 
 from .compat import cache_kwargs
 from .packed_linear import PackedLinear
-from .slot_cache import PlainStore, SlotCache
+from .slot_cache import PlainStore, SlotCache, write_tokens
 
 log = logging.getLogger("qwen.engine")  # the engine's few lines (qwen.scripts shows them)
 
@@ -46,9 +46,8 @@ class ColumnWriteCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]  # [n, 1]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # advanced indices on dims 0 and 2 put those dims first: the target is [n, 1, heads, head_dim]
-        keys[rows, :, self.columns] = key_states.transpose(1, 2)
-        values[rows, :, self.columns] = value_states.transpose(1, 2)
+        write_tokens(keys, key_states, rows, self.columns)
+        write_tokens(values, value_states, rows, self.columns)
         return keys[:, :, : self.width], values[:, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -80,7 +79,7 @@ def why_not_compilable(model, store) -> str | None:
 
 
 class CompiledDecode:
-    """The compiled decode step of one engine's model: `state` is "compiling", "ready" or "failed"."""
+    """The compiled decode step of one engine's model: `state` is "compiling", "compiled" or "failed"."""
 
     def __init__(self, model):
         self.model = model
@@ -113,15 +112,14 @@ class CompiledDecode:
                     mask = cache.attention_mask(plan, [[4]] * n, dtype, device)
                     # positions apart from columns, as the engine passes them: dynamo guards on aliasing
                     self._fn(self.model, torch.zeros(n, 1, dtype=torch.long, device=device), plan.columns.clone(),
-                             mask, plan.columns, [layer.tensors[0][:n] for layer in cache.layers],
-                             [layer.tensors[1][:n] for layer in cache.layers])
+                             mask, plan.columns, *cache.storage_of(plan))
         except Exception as exc:  # the eager step serves on; say why once
             log.warning("the decode step could not be compiled (%s: %s); decoding eagerly", type(exc).__name__, exc)
             self.state = "failed"
             return
         self.compile_s = time.perf_counter() - start
         log.info("decode step compiled in %.0f s", self.compile_s)
-        self.state = "ready"
+        self.state = "compiled"
 
     def __call__(self, input_ids, position_ids, attention_mask, columns, keys, values) -> torch.Tensor | None:
         """The step's logits [n, V], or None where the compiled graphs do not cover it: the caller runs the step

@@ -262,9 +262,7 @@ class Engine:
     @property
     def decode_step(self) -> str:
         """How decode steps run: "eager", "compiling" (eager meanwhile), "compiled", or "failed" (eager)."""
-        if self._compiled is None:
-            return "eager"
-        return {"ready": "compiled"}.get(self._compiled.state, self._compiled.state)
+        return "eager" if self._compiled is None else self._compiled.state
 
     # ---- caller side (any thread) ----
 
@@ -533,7 +531,7 @@ class Engine:
         mask = self._cache.attention_mask(plan, visible, self.dtype, self.device)
         input_ids = torch.tensor(input_ids, device=self.device)
         position_ids = torch.tensor(positions, device=self.device)
-        if plan.tokens == 1 and self._compiled is not None and self._compiled.state == "ready":
+        if plan.tokens == 1 and self._compiled is not None and self._compiled.state == "compiled":
             storage = self._cache.storage_of(plan)  # None when it must grow first: the eager step grows it
             logits = None if storage is None else self._compiled(input_ids, position_ids, mask, plan.columns, *storage)
             if logits is not None:

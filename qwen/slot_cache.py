@@ -74,6 +74,12 @@ def store_for(config) -> PlainStore | Int8Store:
     return Int8Store() if getattr(config, "use_cache_quantization", False) else PlainStore()
 
 
+def write_tokens(stored: torch.Tensor, new: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> None:
+    """stored[rows[i], :, columns[i, j]] = new[i, :, j]: new tokens [n, ., T, .] into their slots' columns."""
+    # advanced indices on dims 0 and 2 put those dims first: the target is [n, T, heads, dim]
+    stored[rows, :, columns] = new.transpose(1, 2)
+
+
 class SlotLayer(CacheLayerMixin):
     """One attention layer's slots. `update` writes the new tokens where the cache's plan says and returns the
     keys/values of the planned rows, `width` columns wide."""
@@ -92,9 +98,13 @@ class SlotLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
+    def holds(self, slots: int, columns: int) -> bool:
+        """Whether the storage has at least `slots` x `columns`."""
+        return self.tensors is not None and self.tensors[0].shape[0] >= slots and self.tensors[0].shape[2] >= columns
+
     def _fit(self, key: torch.Tensor, value: torch.Tensor, slots: int, columns: int) -> None:
         """Grow the storage (copying what is there) to at least `slots` x `columns`."""
-        if self.tensors is not None and self.tensors[0].shape[0] >= slots and self.tensors[0].shape[2] >= columns:
+        if self.holds(slots, columns):
             return
         new = self.cache.store.allocate(key, value, slots, columns)
         if self.tensors is not None:
@@ -109,8 +119,7 @@ class SlotLayer(CacheLayerMixin):
         self._fit(key_states, value_states, *self.cache.capacity)
         rows, columns = plan.row_index, plan.columns  # [n, 1], [n, T]
         for stored, new in zip(self.tensors, self.cache.store.encode(key_states, value_states), strict=True):
-            # advanced indices on dims 0 and 2 put those dims first: the target is [n, T, heads, dim]
-            stored[rows, :, columns] = new.transpose(1, 2)
+            write_tokens(stored, new, rows, columns)
         if plan.row_slice is not None:
             views = [t[plan.row_slice, :, : plan.width] for t in self.tensors]
         else:
@@ -208,8 +217,7 @@ class SlotCache(Cache):
         slots, columns = self.capacity
         if not self.layers or plan.row_slice != slice(0, plan.n) or not isinstance(self.store, PlainStore):
             return None
-        if any(layer.tensors is None or layer.tensors[0].shape[0] < slots or layer.tensors[0].shape[2] < columns
-               for layer in self.layers):  # fmt: skip
+        if not all(layer.holds(slots, columns) for layer in self.layers):
             return None
         return [layer.tensors[0][: plan.n] for layer in self.layers], [layer.tensors[1][: plan.n] for layer in self.layers]
 
@@ -231,4 +239,4 @@ class SlotCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["SPARE", "Int8Store", "PlainStore", "SlotCache", "SlotLayer", "store_for"]
+__all__ = ["SPARE", "Int8Store", "PlainStore", "SlotCache", "SlotLayer", "store_for", "write_tokens"]
