@@ -9,8 +9,10 @@ from conftest import TINY_VOCAB, left_padded_batch, tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
 from qwen.compat import cache_kwargs, output_cache
+from qwen.compiled_decode import decode_logits
 from qwen.configuration_qwen import QWenConfig
 from qwen.modeling_qwen import QWenLMHeadModel, dynamic_ntk_alpha, logn_query_scale, native_cuda_dtype
+from qwen.slot_cache import SlotCache
 from qwen.weights import llama_to_qwen, qwen_to_qwen2
 
 
@@ -292,6 +294,37 @@ def test_eager_and_sdpa_agree_and_eager_returns_attentions():
     torch.testing.assert_close(weights[1, :, 7:].sum(-1), torch.ones(4, 13))
     assert torch.all(weights[0].triu(1) == 0) and torch.all(weights[1, :, 7:, 7:].triu(1) == 0)  # causal
     assert torch.all(weights[1, :, 7:, :7] == 0)  # padding never attended
+
+
+def test_a_compiled_one_token_step_on_the_cpu_attends_with_two_matmuls_not_sdpa():
+    """The engine's compiled decode step (one query per row) runs the matmul attention, which inductor fuses: SDPA's
+    flash kernel is built for many query rows and made the demo model's step ~10% slower at 8 rows. A prompt (T > 1)
+    still runs SDPA, and both give the eager logits."""
+    model = tiny_model().eval()
+    graphs = []
+
+    def capture(gm, example_inputs):  # a torch.compile backend that keeps the traced graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, TINY_VOCAB, (2, 9))
+    cache = SlotCache(2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+        prompt = torch.compile(model, backend=capture, fullgraph=True)(ids).logits[:, -1]
+        plan = cache.plan([0, 1], [list(range(8))] * 2, "cpu")  # the first 8 tokens into the engine's cache
+        model(ids[:, :8], position_ids=plan.columns.clone(), use_cache=True, **cache_kwargs(cache),
+              attention_mask=cache.attention_mask(plan, [list(range(8))] * 2, torch.float32, "cpu"))
+        plan = cache.plan([0, 1], [[8]] * 2, "cpu")
+        step = torch.compile(decode_logits, backend=capture, fullgraph=True)(
+            model, ids[:, 8:], plan.columns.clone(), cache.attention_mask(plan, [[8]] * 2, torch.float32, "cpu"),
+            plan.columns, *cache.storage_of(plan))
+    torch._dynamo.reset()
+    torch.testing.assert_close(prompt, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step, expected, atol=1e-4, rtol=1e-4)
+    runs_sdpa = [any("scaled_dot_product_attention" in str(n.target) for n in g.graph.nodes) for g in graphs]
+    assert runs_sdpa == [True, False]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
