@@ -9,6 +9,8 @@ client; tokens are counted from the final usage chunk. Prints tokens/s for 1 and
 (rounds interleaved: ours 1, peer 1, ours N, peer N, ...), so load from elsewhere on the machine hits both alike.
 With --peer-pid, the server not being measured is paused (SIGSTOP, then SIGCONT), so neither pays for the other
 idling (vLLM's engine loop keeps a third of a core busy while idle).
+Start a peer of your own with `setsid` (its own session): where the kernel groups CPU time by session (Linux
+autogroup), a peer in the bench's session shares one CPU share with the bench's clients; the bench warns.
 
 With --peer-vllm PYTHON, the bench starts the peer itself: vLLM's OpenAI server (from the environment of that python)
 on the `to-qwen2` export of the same checkpoint, fp32, with every CPU bound to its OpenMP threads
@@ -169,6 +171,17 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current := todo.pop())
         todo += children.get(current, [])
     return tree
+
+
+def shares_our_scheduling_group(pid: int) -> bool:
+    """Whether `pid` is in this process's autogroup (/proc/PID/autogroup: one per session where the kernel groups
+    CPU time by session). The servers this bench starts run in sessions of their own."""
+    try:
+        if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+            return False
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0] == Path("/proc/self/autogroup").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
 
 
 def process_state(pid: int) -> str:
@@ -381,6 +394,10 @@ def main() -> int:
         else:
             ours, pid = stack.enter_context(running_server(args.checkpoint_path, args.threads, args.server_arg))
         peers = [(args.peer_name, args.peer, args.peer_pid)] if args.peer else []
+        if args.peer_pid and shares_our_scheduling_group(args.peer_pid):
+            print(f"warning: {args.peer_name} (pid {args.peer_pid}) runs in this shell's session, so Linux's autogroup "
+                  "scheduler gives it and this bench's clients one share of the CPU while ours has a share of its "
+                  "own (an identical server measured 0.88x that way); start it with `setsid`", flush=True)
         if args.peer_vllm:
             peers += start_vllm_peers(stack, args)
         servers = {"ours": ours} | {name: url for name, url, _ in peers}

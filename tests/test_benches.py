@@ -101,6 +101,32 @@ def test_paused_stops_a_server_and_its_children_then_resumes_them():
         parent.wait()
 
 
+def autogroup_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as flag:
+            return flag.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not autogroup_enabled(), reason="this kernel does not group CPU time by session "
+                    "(/proc/sys/kernel/sched_autogroup_enabled)")
+def test_a_peer_in_this_session_is_told_apart_from_one_in_its_own_session():
+    """A peer started from the bench's own shell shares one CPU share with the bench's clients (autogroup)."""
+    from bench.serve_bench import shares_our_scheduling_group
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    here, alone = subprocess.Popen(sleeper), subprocess.Popen(sleeper, start_new_session=True)
+    try:
+        assert shares_our_scheduling_group(here.pid)
+        assert not shares_our_scheduling_group(alone.pid)
+        assert not shares_our_scheduling_group(2**22 + 1)  # no such process: nothing to warn about
+    finally:
+        for child in (here, alone):
+            child.kill()
+            child.wait()
+
+
 def test_vllm_peer_gets_every_cpu_and_its_reported_binding_is_read_back(tmp_path):
     from bench.serve_bench import vllm_binding, vllm_environment
 
