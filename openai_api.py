@@ -22,6 +22,7 @@ from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
     add_server_args,
     exit_on_user_error,
+    leave_served,
     load_checkpoint,
     prepare_server,
     quiet_libraries,
@@ -150,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.disable_gc:
         gc.disable()
     serve(app, host=args.server_name, port=args.server_port)
-    if app.state.server.backend.engine.decode_step == "compiling":
-        # stopped while the decode step compiles: its thread is in native code, under which the interpreter's
-        # teardown can abort the process; the server has already shut down cleanly, so leave without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    return leave_served(app.state.server.backend.engine)
 
 
 if __name__ == "__main__":

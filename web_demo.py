@@ -22,6 +22,7 @@ from qwen.scripts import (  # noqa: E402
     add_checkpoint_args,
     add_server_args,
     exit_on_user_error,
+    leave_served,
     load_checkpoint,
     prepare_server,
     quiet_libraries,
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                        concurrency=args.concurrency, threads=args.threads, compile_decode=args.compile,
                        system=args.system,
                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    return serve_page(demo, host=args.server_name, port=args.server_port, share=args.share,
+    code = serve_page(demo, host=args.server_name, port=args.server_port, share=args.share,
                       inbrowser=args.inbrowser, auth=args.auth, concurrency=args.concurrency)
+    return leave_served(demo.web_chat.engine, code)
 
 
 if __name__ == "__main__":

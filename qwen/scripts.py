@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import sys
 
 from .errors import UserError
@@ -111,6 +112,17 @@ def load_checkpoint(args: argparse.Namespace, **kwargs):
     if args.weight_layout == "packed":
         pack_linear_weights(model)
     return model, tokenizer
+
+
+def leave_served(engine, code: int = 0) -> int:
+    """`code`, for a server script to return once it has shut down; stopped while the engine's decode step still
+    compiles, the process leaves at once with it (os._exit): the compile thread is in native code, under which the
+    interpreter's teardown can abort the process (exit -6 seen), and nothing is left to clean up."""
+    if engine.decode_step == "compiling":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def port(value: str) -> int:
