@@ -405,20 +405,26 @@ class Engine:
         with self._lock:
             free = self.max_batch_size - len(self._rows)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        copies = []  # (running slot, new slot, columns): prefixes the new rows take from running ones
         for seq in admitted:
-            seq.slot, seq.cached = self._place(seq.prompt)
+            seq.slot, seq.cached, source = self._place(seq.prompt)
             self._slots[seq.slot] = seq
             self._kept[seq.slot] = []
             self.reused_tokens += seq.cached
+            if source is not None:
+                copies.append((source, seq.slot, seq.cached))
         self._rows = self._rows + admitted
         # prefill first: a request whose prompt is then complete gets its first token now, and its second in the
         # decode below, as in a whole-prompt prefill
-        prefilling = self._schedule_prefill()
+        prefilling = self._schedule_prefill()  # never empty when a request was admitted: it carries the copies
         if prefilling:
             try:
-                self._prefill(prefilling)
+                self._prefill(prefilling, copies)
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
                 self._fail(prefilling, exc)
+                for _, slot, _ in copies:  # copied into some layers or none: those rows start from scratch
+                    if self._slots[slot] is not None:
+                        self._slots[slot].cached = 0
         decoding = [s for s in self._rows if s.decoding]
         if decoding:
             try:
@@ -426,23 +432,34 @@ class Engine:
             except Exception as exc:  # fail what took part; the slots of the others hold what they held
                 self._fail(decoding, exc)
 
-    def _place(self, prompt: list[int]) -> tuple[int, int]:
-        """(slot, tokens already in it) for a new request: the free slot that holds the longest prefix of `prompt`
-        (at most all but its last token: the last one's logits are needed), else the lowest free slot that keeps
-        nothing (up to max_batch_size slots of storage), else the one freed longest ago (LRU)."""
+    def _place(self, prompt: list[int]) -> tuple[int, int, int | None]:
+        """(slot, tokens already in it, running slot to copy them from or None) for a new request: the free slot
+        that holds the longest prefix of `prompt` (at most all but its last token: the last one's logits are
+        needed), else the lowest free slot that keeps nothing (up to max_batch_size slots of storage), else the one
+        freed longest ago (LRU). When a running request has computed a longer prefix (chats that share a system
+        prompt, arriving together), the new slot takes a copy of those columns at the step's first forward."""
         free = [slot for slot, seq in enumerate(self._slots) if seq is None]
-        best, reuse = None, 0
+        best, reuse, source = None, 0, None
         if self.prefix_cache:
             for slot in free:
-                kept = self._kept[slot]
-                common = next((i for i, (a, b) in enumerate(zip(kept, prompt[:-1], strict=False)) if a != b),
-                              min(len(kept), len(prompt) - 1))  # fmt: skip
-                if common > reuse and self._prefix_is_current(common, len(kept), len(prompt)):
+                common = self._common_prefix(self._kept[slot], prompt)
+                if common > reuse:
                     best, reuse = slot, common
+            for seq in self._rows:
+                common = self._common_prefix(seq.tokens(0, seq.cached), prompt)
+                if common > reuse:
+                    best, reuse, source = None, common, seq.slot
         if best is None:
             empty = [slot for slot in free if not self._kept[slot]]
             best = empty[0] if empty else min(free, key=lambda slot: self._freed_at[slot])
-        return best, reuse
+        return best, reuse, source
+
+    def _common_prefix(self, kept: list[int], prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` (all but its last) the KV of `kept` serves; 0 where that KV is not
+        what a fresh prefill would compute."""
+        common = next((i for i, (a, b) in enumerate(zip(kept, prompt[:-1], strict=False)) if a != b),
+                      min(len(kept), len(prompt) - 1))  # fmt: skip
+        return common if self._prefix_is_current(common, len(kept), len(prompt)) else 0
 
     def _prefix_is_current(self, common: int, kept: int, total: int) -> bool:
         """Whether the KV of a kept prefix is what a fresh prefill would compute: under dynamic NTK the slot's keys
@@ -485,7 +502,7 @@ class Engine:
     def _chunk_changes_rope(self, cached: int, total: int) -> bool:
         return self._recompute_check is not None and self._recompute_check(cached, total)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[_Sequence], copies: list[tuple[int, int, int]] = ()) -> None:
         """Feed the next `chunk` tokens of each of `seqs` (new requests, or rows to recompute: prompt + generated so
         far); those whose tokens are then all in the cache get their next token.
 
@@ -503,7 +520,8 @@ class Engine:
             columns.append([start + chunk + i for i in range(pad)] + [start + i for i in range(chunk)])
             positions.append([start] * pad + [start + i for i in range(chunk)])
             visible.append(columns[-1])
-        logits = self._forward([s.slot for s in seqs], input_ids, columns, positions, visible, **self._prefill_kwargs)
+        logits = self._forward([s.slot for s in seqs], input_ids, columns, positions, visible, copies=copies,
+                               **self._prefill_kwargs)
         done = []
         for seq in seqs:
             seq.cached += seq.chunk
@@ -535,10 +553,11 @@ class Engine:
             seq.cached += 1
         self._emit_tokens(seqs, logits[[s.slot for s in seqs]])
 
-    def _forward(self, rows, input_ids, columns, positions, visible, **kwargs) -> torch.Tensor:
+    def _forward(self, rows, input_ids, columns, positions, visible, copies=(), **kwargs) -> torch.Tensor:
         """One forward over cache slots `rows`: input_ids/columns/positions/visible are [n, T] Python lists
-        (token, cache column it is written to, its position, last column it may attend to). Last logits [n, V]."""
-        plan = self._cache.plan(rows, columns, self.device)
+        (token, cache column it is written to, its position, last column it may attend to); `copies`: (from slot,
+        to slot, columns) copied first. Last logits [n, V]."""
+        plan = self._cache.plan(rows, columns, self.device, copies)
         mask = self._cache.attention_mask(plan, visible, self.dtype, self.device)
         input_ids = torch.tensor(input_ids, device=self.device)
         position_ids = torch.tensor(positions, device=self.device)

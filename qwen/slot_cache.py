@@ -117,6 +117,9 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         plan = self.cache.current_plan()
         self._fit(key_states, value_states, *self.cache.capacity)
+        for source, target, width in plan.copies:  # a running row's prefix into a new row, before anything is written
+            for stored in self.tensors:
+                stored[target, :, :width] = stored[source, :, :width]
         rows, columns = plan.row_index, plan.columns  # [n, 1], [n, T]
         for stored, new in zip(self.tensors, self.cache.store.encode(key_states, value_states), strict=True):
             write_tokens(stored, new, rows, columns)
@@ -149,8 +152,9 @@ class _Plan:
     A row whose columns are all SPARE is a placeholder (a free slot inside the batch's range): its writes land in
     the spare column, and it sees nothing."""
 
-    def __init__(self, rows: list[int], columns: list[list[int]], device):
+    def __init__(self, rows: list[int], columns: list[list[int]], device, copies=()):
         self.rows = rows
+        self.copies = list(copies)  # (from slot, to slot, columns) copied before the forward writes
         self.n, self.tokens = len(rows), len(columns[0])
         first, last = rows[0], rows[-1]
         self.row_slice = slice(first, last + 1) if rows == list(range(first, last + 1)) else None
@@ -189,14 +193,16 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.plan_or_none is None else self.plan_or_none.past
 
-    def plan(self, rows: list[int], columns: list[list[int]], device) -> _Plan:
-        """Set up the next forward: slot rows[i]'s j-th new token is written to column columns[i][j]."""
+    def plan(self, rows: list[int], columns: list[list[int]], device, copies=()) -> _Plan:
+        """Set up the next forward: slot rows[i]'s j-th new token is written to column columns[i][j]; each layer
+        first copies the first `n` columns of slot `a` into slot `b` for each (a, b, n) of `copies`."""
         if not rows or len(set(rows)) != len(rows) or max(rows) >= self.max_slots or min(rows) < 0:
             raise ValueError(f"rows must be distinct slots in [0, {self.max_slots}), got {rows}")
-        plan = _Plan(rows, columns, device)
+        plan = _Plan(rows, columns, device, copies)
         slots, width = self.capacity
-        if max(rows) >= slots:  # each dimension doubles only when it is too small
-            slots = min(self.max_slots, max(2 * slots, max(rows) + 1))
+        highest = max(rows + [target for _, target, _ in plan.copies])
+        if highest >= slots:  # each dimension doubles only when it is too small
+            slots = min(self.max_slots, max(2 * slots, highest + 1))
         if plan.width + 1 > width:  # + the spare column, always past the width
             width = -(-max(2 * width, plan.width + 1) // self.GROWTH_COLUMNS) * self.GROWTH_COLUMNS
             if self.max_columns is not None:
@@ -216,6 +222,8 @@ class SlotCache(Cache):
         rows are not 0..n-1 or if it is not stored plain."""
         slots, columns = self.capacity
         if not self.layers or plan.row_slice != slice(0, plan.n) or not isinstance(self.store, PlainStore):
+            return None
+        if plan.copies:  # the layers' update makes them
             return None
         if not all(layer.holds(slots, columns) for layer in self.layers):
             return None

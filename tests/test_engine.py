@@ -143,9 +143,9 @@ def test_a_request_being_prefilled_counts_as_running(model):
     seen = []
     prefill = engine._prefill
 
-    def watching_prefill(seqs):
+    def watching_prefill(seqs, *args):
         seen.append((engine.num_running, engine.num_waiting))
-        prefill(seqs)
+        prefill(seqs, *args)
 
     engine._prefill = watching_prefill
     handle = engine.submit(PROMPTS[0], greedy(5))

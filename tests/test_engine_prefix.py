@@ -54,6 +54,31 @@ def test_a_resent_history_reuses_its_slot_with_the_same_logits(arch, company):
         assert torch.allclose(logprobs, logprobs_0, atol=1e-5), (logprobs - logprobs_0).abs().max()
 
 
+@pytest.mark.parametrize("arch", ["qwen", "llama"])
+@pytest.mark.parametrize("chunk", [None, 4], ids=["after-its-prefill", "mid-prefill"])
+def test_a_new_request_copies_the_prefix_a_running_request_computed_with_the_same_logits(arch, chunk):
+    """Chats that share a system prompt arrive together: the second takes a copy of the columns the first has already
+    computed (all its prompt, or the chunks fed so far) instead of computing them again."""
+    model = build_engine_model(arch)
+    if arch == "qwen":
+        model.config.seq_length = 64  # one dynamic NTK alpha for every length here
+    first_prompt, second_prompt = HISTORY + [20, 21], HISTORY + [30, 31, 32]
+
+    def run(prefix_cache):
+        engine = Engine(model, max_batch_size=3, prefix_cache=prefix_cache, prefill_chunk=chunk)
+        first = engine.submit(first_prompt, traced(6))
+        engine.step()  # the first request's prompt is in its slot (chunk 4: its first 4 tokens)
+        second = engine.submit(second_prompt, traced(6))
+        return drain(engine, first, second), engine.reused_tokens
+
+    shared, reused = run(True)
+    alone, reused_0 = run(False)
+    assert reused_0 == 0 and reused == (len(HISTORY) if chunk is None else 4)
+    for (tokens, logprobs), (tokens_0, logprobs_0) in zip(shared, alone, strict=True):
+        assert tokens == tokens_0
+        assert torch.allclose(logprobs, logprobs_0, atol=1e-5), (logprobs - logprobs_0).abs().max()
+
+
 def test_a_prefix_rotated_under_another_ntk_alpha_is_computed_again():
     model = build_engine_model("qwen")  # seq_length 8: turn 1 (14 tokens) and turn 2 (18) have different alphas
     answer, first, results, reused = two_turns(model, True)
