@@ -11,11 +11,9 @@ import gc
 import os
 import sys
 
-# Before torch loads OpenMP: idle compute threads spin only briefly (3000 rounds) before sleeping, instead of
-# OpenMP's 300,000, which under outside load made decode steps several times slower on 2 cores; see README
-# "Threads". OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment chooses otherwise.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "3000"
+from openmp_wait import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP
 
 from qwen.scripts import (  # noqa: E402
     API_PORT,

@@ -437,7 +437,8 @@ class Engine:
         that holds the longest prefix of `prompt` (at most all but its last token: the last one's logits are
         needed), else the lowest free slot that keeps nothing (up to max_batch_size slots of storage), else the one
         freed longest ago (LRU). When a running request has computed a longer prefix (chats that share a system
-        prompt, arriving together), the new slot takes a copy of those columns at the step's first forward."""
+        prompt, one arriving while another runs), the new slot takes a copy of those columns at the step's first
+        forward."""
         free = [slot for slot, seq in enumerate(self._slots) if seq is None]
         best, reuse, source = None, 0, None
         if self.prefix_cache:

@@ -82,7 +82,7 @@ def prepare_server(args: argparse.Namespace) -> None:
     OpenMP team. With a second team (this thread's, from loading) OpenMP counts more threads than cores and makes
     idle threads sleep at once, which cost 20-30% of decode speed whenever spinning is allowed (see README
     "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
-    a short GOMP_SPINCOUNT in the environment before importing torch, unless it or OMP_WAIT_POLICY is set.
+    a short GOMP_SPINCOUNT (openmp_wait.py) before importing torch, unless it or OMP_WAIT_POLICY is set.
     """
     import os
 

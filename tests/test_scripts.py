@@ -1,6 +1,7 @@
 """What every entry script shares (qwen/scripts.py), seen as a person sees it: one-line errors before any model
 loads, a taken port named with --server-port, no library warnings and no hint naming a flag we do not have."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -103,3 +104,24 @@ def test_the_api_and_the_page_listen_on_different_default_ports():
     import web_demo
 
     assert openai_api.parse_args([]).server_port != web_demo.parse_args([]).server_port
+
+
+def test_the_servers_choose_a_short_openmp_spin_before_anything_loads_torch(monkeypatch):
+    """OpenMP reads its wait policy once, when torch loads it: both servers set it first, unless the user did."""
+    from openmp_wait import SERVER_SPIN_COUNT, spin_briefly
+
+    for script in ("openai_api.py", "web_demo.py"):
+        lines = (REPO / script).read_text().splitlines()
+        first_qwen = next(i for i, line in enumerate(lines) if line.startswith(("from qwen", "import qwen", "import torch")))
+        assert "spin_briefly()" in "\n".join(lines[:first_qwen]), script
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    spin_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == str(SERVER_SPIN_COUNT)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    spin_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == "300000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    spin_briefly()
+    assert "GOMP_SPINCOUNT" not in os.environ
