@@ -179,8 +179,10 @@ def shares_our_scheduling_group(pid: int) -> bool:
     try:
         if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
             return False
-        return Path(f"/proc/{pid}/autogroup").read_text().split()[0] == Path("/proc/self/autogroup").read_text().split()[0]
-    except (OSError, IndexError):
+        # The whole line, not its first word: processes in init's session share the root group, which reads empty.
+        return Path(f"/proc/{pid}/autogroup").read_text().split(" nice")[0] == \
+            Path("/proc/self/autogroup").read_text().split(" nice")[0]
+    except OSError:
         return False
 
 
