@@ -168,3 +168,82 @@ def test_gpu_suite_dry_run_writes_one_json_and_a_table(tmp_path):
     assert any("bandwidth bound" in line for line in report["steps"]["decode"]["results"])
     assert report["steps"]["gptq"]["status"] == "skipped"
     assert "| decode | ok |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+# A stand-in for vLLM's offline API (vLLM itself lives in its own environment, never in CI): it records what it is
+# asked and answers max_tokens tokens a prompt, so the bench's plumbing (driver, pausing, report) runs for real.
+FAKE_VLLM = '''
+import json, os, time
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+class _Out:
+    def __init__(self, n):
+        self.outputs = [type("C", (), {"token_ids": [0] * n})()]
+class LLM:
+    def __init__(self, model, **kwargs):
+        print("INFO a log line on stdout", flush=True)
+        if os.environ.get("FAKE_VLLM_FAIL"):  # an engine process started, then the start fails
+            import subprocess, sys
+            engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            open(os.environ["FAKE_VLLM_FAIL"], "w").write(str(engine.pid))
+            raise RuntimeError("Engine core initialization failed")
+        self.record = open(os.environ["FAKE_VLLM_RECORD"], "a")
+        self.record.write(json.dumps({"model": model, **kwargs}) + "\\n")
+    def generate(self, prompts, params, use_tqdm=True):
+        self.record.write(json.dumps({"prompts": prompts, "params": params.kwargs}) + "\\n")
+        self.record.flush()
+        time.sleep(0.05)
+        return [_Out(params.kwargs["max_tokens"]) for _ in prompts]
+'''
+
+
+def test_offline_bench_gives_vllm_the_prompt_ids_ours_decodes_and_prints_the_ratio(tmp_path):
+    import json
+
+    from qwen.loading import load_model_and_tokenizer
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    record = tmp_path / "record.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_VLLM_RECORD": str(record)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.offline_bench", "-c", str(checkpoint), "--peer-vllm", sys.executable,
+         "--clients", "2", "--max-tokens", "3", "--rounds", "1", "--threads", "1", "--no-compile"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ours: 1 threads, decode step eager" in done.stdout
+    assert "1 prompt(s): ours" in done.stdout and "2 prompt(s): ours" in done.stdout and "ours / vLLM" in done.stdout
+    loaded, *calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert loaded["dtype"] == "float32" and loaded["model"].endswith("qwen2")  # the to-qwen2 export
+    assert all(call["params"] == {"max_tokens": 3, "temperature": 0, "ignore_eos": True} for call in calls)
+    measured = calls[1:]  # after the warm-up: 1 prompt, then 2
+    assert [len(call["prompts"]) for call in measured] == [1, 2]
+    _, tokenizer = load_model_and_tokenizer(str(checkpoint), cpu_only=True)
+    text = tokenizer.decode(measured[1]["prompts"][1]["prompt_token_ids"])
+    assert text.startswith("<|im_start|>system\n") and "Write a long, detailed story about a lighthouse." in text
+
+
+def test_offline_bench_stops_what_vllm_started_when_its_start_fails(tmp_path):
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    engine_pid = tmp_path / "engine.pid"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "FAKE_VLLM_RECORD": str(tmp_path / "record.jsonl"),
+           "FAKE_VLLM_FAIL": str(engine_pid)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.offline_bench", "-c", str(make_tiny_checkpoint(tmp_path / "tiny")),
+         "--peer-vllm", sys.executable, "--threads", "1", "--no-compile"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Error: vLLM stopped" in done.stderr and "Engine core initialization" in done.stderr
+    pid = int(engine_pid.read_text())
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_offline_bench_says_when_the_given_python_has_no_vllm(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.offline_bench", "--peer-vllm", sys.executable],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "`import vllm` fails" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,188 @@
+"""Our engine against vLLM's offline engine (`vllm.LLM.generate`): the same prompt ids, no HTTP in between.
+
+Runs our engine in this process as the servers run it (packed weights, the compiled decode step, measured once it
+is compiled) and vLLM's `LLM` in a child process of the given python (the `to-qwen2` export of the same checkpoint,
+fp32, every CPU bound to its OpenMP threads, as serve_bench starts it). Both get the same chat prompts (token ids
+built by our ChatML code), greedy, --max-tokens each with ignore_eos, 1 and --clients at once, in interleaved
+rounds; vLLM's processes are paused (SIGSTOP) while ours is measured. Prints tokens/s, ours / vLLM per round and
+the binding vLLM reports in its log.
+
+Set beside serve_bench (same load through each one's OpenAI server), it says how much each server's HTTP side
+costs its engine.
+
+    python -m bench.offline_bench --peer-vllm /tmp/vllm-venv/bin/python [-c CHECKPOINT] [--clients 8]
+                                  [--max-tokens 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from openmp_wait import spin_briefly
+
+spin_briefly()  # before torch loads OpenMP, as the servers do
+
+from bench.serve_bench import TOPICS, paused, vllm_binding, vllm_environment  # noqa: E402
+
+# Runs in vLLM's environment: reads one JSON request a line ({"prompts": [[ids]], "max_tokens": N}), answers one
+# line "@@ " + JSON ({"seconds", "tokens"}; vLLM prints on stdout too). In a file, not `-c`: vLLM starts its engine
+# process with multiprocessing spawn.
+VLLM_DRIVER = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+
+def main():
+    llm = LLM(sys.argv[1], dtype="float32", max_model_len=2048, max_num_seqs=16)
+    print("@@", json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        params = SamplingParams(max_tokens=request["max_tokens"], temperature=0, ignore_eos=True)
+        prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        print("@@", json.dumps({"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}),
+              flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+class VLLMOffline:
+    """vLLM's `LLM` on `model` in a child process of `python`: generate(prompts, max_tokens) -> (s, tokens)."""
+
+    def __init__(self, python: str, model: Path, workdir: Path):
+        driver, self.log = workdir / "vllm_driver.py", workdir / "vllm.log"
+        driver.write_text(VLLM_DRIVER)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([python, str(driver), str(model)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+                                            env={**os.environ, **vllm_environment("all")})  # fmt: skip
+        try:
+            self._read()  # {"ready": true} once the model is loaded
+        except BaseException:  # its engine process outlives a failed start otherwise
+            self.close()
+            raise
+
+    def _read(self) -> dict:
+        while line := self.process.stdout.readline():
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+            with open(self.log, "a") as log:  # vLLM logs on stdout: its binding report among them
+                log.write(line)
+        sys.exit(f"Error: vLLM stopped; its log: {self.log}\n" + self.log.read_text(errors="replace")[-2000:])
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        self.process.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.process.stdin.flush()
+        answer = self._read()
+        return answer["seconds"], answer["tokens"]
+
+    def close(self) -> None:
+        """Stop the driver and every process vLLM started (the driver's session is their process group)."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused process cannot act on its closed input
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # an engine process that outlived the driver
+        self.process.wait()
+
+
+def ours_generate(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    from qwen.sampling import SamplingParams
+
+    start = time.perf_counter()
+    handles = [engine.submit(ids, SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True))
+               for ids in prompts]  # fmt: skip
+    tokens = sum(len(handle.result()[0]) for handle in handles)
+    return time.perf_counter() - start, tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--checkpoint-path", default=None, help="default: the offline demo model")
+    parser.add_argument("--peer-vllm", required=True, metavar="PYTHON", help="the python of an environment with vLLM")
+    parser.add_argument("--clients", type=int, default=8, help="prompts generated at once (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="our engine's threads (default: every core)")
+    parser.add_argument("--no-compile", action="store_true", help="our eager decode step instead of the compiled one")
+    args = parser.parse_args()
+    if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
+        sys.exit(f"Error: `import vllm` fails with {args.peer_vllm}: give the python of an environment with vLLM "
+                 "(see bench/README.md).")
+
+    import torch
+
+    from qwen.chat_backend import ChatBackend
+    from qwen.demo import demo_checkpoint
+    from qwen.export import export_qwen2
+    from qwen.loading import load_model_and_tokenizer
+    from qwen.packed_linear import pack_linear_weights
+    from qwen_generation_utils import DEFAULT_SYSTEM
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(1)  # as the servers, before loading: one OpenMP team, the engine thread's (prepare_server)
+    source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
+    model, tokenizer = load_model_and_tokenizer(str(source), cpu_only=True)
+    pack_linear_weights(model)
+    backend = ChatBackend.from_model(model, tokenizer, max_batch_size=args.clients, threads=threads,
+                                     compile_decode=not args.no_compile)  # fmt: skip
+    engine = backend.engine.start()
+    # the prompts serve_bench's clients send, as the API server builds them (no system message: the default one)
+    prompts = [backend.chat_prompt(f"Write a long, detailed story about {topic}.", [], DEFAULT_SYSTEM)
+               for topic in TOPICS]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="offline-bench-") as tmp:
+        export = export_qwen2(source, Path(tmp) / "qwen2")
+        started = time.perf_counter()
+        vllm = VLLMOffline(args.peer_vllm, export, Path(tmp))
+        try:
+            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; its log says: {vllm_binding(vllm.log)}",
+                  flush=True)
+            while engine.decode_step == "compiling":
+                time.sleep(1)
+            print(f"ours: {threads} threads, decode step {engine.decode_step}", flush=True)
+            runs = {"ours": lambda p: ours_generate(engine, p, args.max_tokens),
+                    "vLLM": lambda p: vllm.generate(p, args.max_tokens)}  # fmt: skip
+            rates = {(name, n): [] for name in runs for n in (1, args.clients)}
+            for name, run in runs.items():  # warm-up
+                with paused([vllm.process.pid] if name == "ours" else []):
+                    run(prompts[:2])
+            for r in range(args.rounds):
+                for n in (1, args.clients):
+                    batch = [prompts[(r * n + i) % len(prompts)] for i in range(n)]
+                    for name, run in runs.items():
+                        with paused([vllm.process.pid] if name == "ours" else []):
+                            seconds, tokens = run(batch)
+                        rates[name, n].append(tokens / seconds)
+                    print(f"round {r + 1}, {n} prompt(s): " + ", ".join(
+                        f"{name} {rates[name, n][-1]:.1f}" for name in runs) + " tokens/s", flush=True)
+        finally:
+            vllm.close()
+            engine.shutdown()
+    print(f"{args.max_tokens} tokens per prompt, greedy, ignore_eos, {args.rounds} interleaved rounds, vLLM paused "
+          "while ours runs")
+    for n in (1, args.clients):
+        ratios = [a / b for a, b in zip(rates["ours", n], rates["vLLM", n], strict=True)]
+        print(f"{n} prompt(s): ours {statistics.median(rates['ours', n]):.1f}, vLLM "
+              f"{statistics.median(rates['vLLM', n]):.1f} tokens/s (medians): ours / vLLM "
+              f"{statistics.median(ratios):.2f}x (per round {min(ratios):.2f}-{max(ratios):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
