@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="prompts generated at once (default 8)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="our engine's threads (default: every core)")
+    parser.add_argument("--threads", type=int, default=None, help="our engine's threads (default: the servers')")
     parser.add_argument("--no-compile", action="store_true", help="our eager decode step instead of the compiled one")
     args = parser.parse_args()
     if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
@@ -133,9 +133,10 @@ def main() -> int:
     from qwen.export import export_qwen2
     from qwen.loading import load_model_and_tokenizer
     from qwen.packed_linear import pack_linear_weights
+    from qwen.scripts import default_engine_threads
     from qwen_generation_utils import DEFAULT_SYSTEM
 
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or default_engine_threads()
     torch.set_num_threads(1)  # as the servers, before loading: one OpenMP team, the engine thread's (prepare_server)
     source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
     model, tokenizer = load_model_and_tokenizer(str(source), cpu_only=True)

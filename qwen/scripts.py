@@ -84,19 +84,24 @@ def prepare_server(args: argparse.Namespace) -> None:
     "Threads"). The OpenMP wait policy cannot change once torch is loaded: entry scripts set
     a short GOMP_SPINCOUNT (openmp_wait.py) before importing torch, unless it or OMP_WAIT_POLICY is set.
     """
-    import os
 
     import torch
 
     from .errors import UsageError
 
     check_port_free(args.server_name, args.server_port)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.threads is None:
-        args.threads = cores - 1 if cores > 2 else cores
+        args.threads = default_engine_threads()
     elif args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(1)
+
+
+def default_engine_threads() -> int:
+    """The engine thread's compute threads when --threads is not given: one per core this process may use, less one
+    for the server's own threads on machines with more than 2 cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores - 1 if cores > 2 else cores
 
 
 def load_checkpoint(args: argparse.Namespace, **kwargs):
@@ -193,4 +198,4 @@ def exit_on_user_error():
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["API_PORT", "PAGE_PORT", "add_checkpoint_args", "add_server_args", "prepare_server", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
+__all__ = ["API_PORT", "PAGE_PORT", "add_checkpoint_args", "add_server_args", "default_engine_threads", "prepare_server", "check_port_free", "exit_on_user_error", "load_checkpoint", "port", "quiet_libraries"]
