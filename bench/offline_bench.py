@@ -32,7 +32,7 @@ from openmp_wait import spin_briefly
 
 spin_briefly()  # before torch loads OpenMP, as the servers do
 
-from bench.serve_bench import TOPICS, paused, vllm_binding, vllm_environment  # noqa: E402
+from bench.serve_bench import TOPICS, paused, require_vllm, vllm_binding, vllm_environment  # noqa: E402
 
 # Runs in vLLM's environment: reads one JSON request a line ({"prompts": [[ids]], "max_tokens": N}), answers one
 # line "@@ " + JSON ({"seconds", "tokens"}; vLLM prints on stdout too). In a file, not `-c`: vLLM starts its engine
@@ -122,9 +122,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="our engine's threads (default: the servers')")
     parser.add_argument("--no-compile", action="store_true", help="our eager decode step instead of the compiled one")
     args = parser.parse_args()
-    if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
-        sys.exit(f"Error: `import vllm` fails with {args.peer_vllm}: give the python of an environment with vLLM "
-                 "(see bench/README.md).")
+    require_vllm(args.peer_vllm)
 
     import torch
 
@@ -160,14 +158,15 @@ def main() -> int:
             runs = {"ours": lambda p: ours_generate(engine, p, args.max_tokens),
                     "vLLM": lambda p: vllm.generate(p, args.max_tokens)}  # fmt: skip
             rates = {(name, n): [] for name in runs for n in (1, args.clients)}
+            others = {"ours": [vllm.process.pid], "vLLM": []}  # paused while each runs (our engine idles by itself)
             for name, run in runs.items():  # warm-up
-                with paused([vllm.process.pid] if name == "ours" else []):
+                with paused(others[name]):
                     run(prompts[:2])
             for r in range(args.rounds):
                 for n in (1, args.clients):
                     batch = [prompts[(r * n + i) % len(prompts)] for i in range(n)]
                     for name, run in runs.items():
-                        with paused([vllm.process.pid] if name == "ours" else []):
+                        with paused(others[name]):
                             seconds, tokens = run(batch)
                         rates[name, n].append(tokens / seconds)
                     print(f"round {r + 1}, {n} prompt(s): " + ", ".join(

@@ -106,6 +106,13 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
             process.wait()
 
 
+def require_vllm(python: str) -> None:
+    """Exit with one message unless `python` can import vLLM."""
+    if subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode != 0:
+        sys.exit(f"Error: `import vllm` fails with {python}: give the python of an environment with vLLM "
+                 "(see bench/README.md).")
+
+
 def vllm_environment(binding: str) -> dict[str, str]:
     """What vLLM's CPU build is told about threads: "all" binds one OpenMP thread to every CPU this process may use
     and reserves none for the front end; "auto" is vLLM's default (it reserves one CPU on a small machine)."""
@@ -338,9 +345,7 @@ def plot(path: str, names: list[str], speeds: list[dict[int, float]]) -> None:
 def start_vllm_peers(stack: contextlib.ExitStack, args) -> list[tuple[str, str, int]]:
     """Export the checkpoint for vLLM, start one vLLM per --vllm-binding, print the binding each reports:
     [(name, URL, pid)]."""
-    if subprocess.run([args.peer_vllm, "-c", "import vllm"], capture_output=True).returncode != 0:
-        sys.exit(f"Error: `import vllm` fails with {args.peer_vllm}: give the python of an environment with vLLM "
-                 "(see bench/README.md).")
+    require_vllm(args.peer_vllm)
     from qwen.demo import demo_checkpoint
     from qwen.export import export_qwen2
 
