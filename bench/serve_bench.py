@@ -107,8 +107,12 @@ def running_server(checkpoint: str | None, threads: int | None, server_args: lis
 
 
 def require_vllm(python: str) -> None:
-    """Exit with one message unless `python` can import vLLM."""
-    if subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode != 0:
+    """Exit with one message unless `python` can import vLLM (a path that is no program included)."""
+    try:
+        found = subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+    except OSError:
+        found = False
+    if not found:
         sys.exit(f"Error: `import vllm` fails with {python}: give the python of an environment with vLLM "
                  "(see bench/README.md).")
 
@@ -345,7 +349,6 @@ def plot(path: str, names: list[str], speeds: list[dict[int, float]]) -> None:
 def start_vllm_peers(stack: contextlib.ExitStack, args) -> list[tuple[str, str, int]]:
     """Export the checkpoint for vLLM, start one vLLM per --vllm-binding, print the binding each reports:
     [(name, URL, pid)]."""
-    require_vllm(args.peer_vllm)
     from qwen.demo import demo_checkpoint
     from qwen.export import export_qwen2
 
@@ -394,6 +397,8 @@ def main() -> int:
                         help="leave the other server running while one is measured (default: with --peer-pid, "
                              "each server is paused with SIGSTOP while the other is measured)")
     args = parser.parse_args()
+    if args.peer_vllm:
+        require_vllm(args.peer_vllm)  # before our server starts
 
     with contextlib.ExitStack() as stack:
         if args.url:
