@@ -1,6 +1,10 @@
-"""Linear weights packed for oneDNN (qwen.packed_linear): the same model, the same answers, only faster."""
+"""Packed linear weights (qwen.packed_linear: our blocked kernel for fp32, oneDNN's layout otherwise): the same
+model, the same answers, only faster."""
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +12,14 @@ from torch import nn
 
 from qwen.checkpoints import make_tiny_checkpoint
 from qwen.loading import load_model_and_tokenizer
-from qwen.packed_linear import PackedLinear, pack_linear_weights, why_not_packable
+from qwen.packed_linear import (
+    TILE,
+    KernelBuildError,
+    PackedLinear,
+    load_blocked_kernel,
+    pack_linear_weights,
+    why_not_packable,
+)
 from qwen.scripts import add_checkpoint_args, load_checkpoint
 
 
@@ -27,6 +38,7 @@ def test_a_packed_qwen_computes_what_the_plain_one_does(tiny):
     before = len(linears(packed)[0])
     assert pack_linear_weights(packed) == before > 0
     assert linears(packed) == ([], linears(packed)[1]) and len(linears(packed)[1]) == before
+    assert {layer.layout for layer in linears(packed)[1]} == {"blocked"}  # fp32 on a machine with a C compiler
     # the plain weights are gone: one copy of each matrix is kept, in the packed layout
     assert sum(p.numel() for p in packed.parameters()) < sum(p.numel() for p in plain.parameters())
     ids = torch.randint(0, 1000, (3, 11))
@@ -48,11 +60,33 @@ def test_the_demo_model_answers_the_same_when_packed(demo_checkpoint):
     assert "Paris" in tokenizer.decode(outputs[1])
 
 
-def test_rows_do_not_depend_on_the_rest_of_the_batch():
-    """What the engine's batching relies on: a row's output is the same alone and among 8."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17])
+@pytest.mark.parametrize("out_features, in_features, bias", [(300, 64, True), (TILE, 33, False), (5, 1, True)])
+def test_the_blocked_kernel_computes_the_product(rows, out_features, in_features, bias):
+    """Every row count the kernel's row passes split differently (8 at a time here, 4 without AVX-512), a last
+    tile of weight rows that is partly padding, an odd and a length-1 inner dimension, with and without bias."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    layer = PackedLinear(linear)
+    assert layer.layout == "blocked"
+    x = torch.randn(rows, 2, in_features).transpose(0, 1)  # [2, rows, in], not contiguous
+    with torch.inference_mode():
+        expected, got = linear(x), layer(x)
+    assert got.shape == (2, rows, out_features)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+BF16 = pytest.param(torch.bfloat16, "onednn", marks=pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 support in oneDNN"))
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "blocked"), BF16])
+def test_rows_do_not_depend_on_the_rest_of_the_batch(dtype, layout):
+    """What the engine's batching relies on: a row's output is the same alone and among 8, in both layouts."""
     torch.manual_seed(0)
-    layer = PackedLinear(nn.Linear(64, 300))
-    x = torch.randn(8, 1, 64)
+    layer = PackedLinear(nn.Linear(64, 300).to(dtype))
+    assert layer.layout == layout
+    x = torch.randn(8, 1, 64, dtype=dtype)
     with torch.inference_mode():
         together = layer(x)
         alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
@@ -77,3 +111,48 @@ def test_the_scripts_pack_unless_told_not_to(tiny, layout, packed):
     model, _ = load_checkpoint(parser.parse_args(["-c", str(tiny), "--cpu-only", *layout]))
     plain_left, packed_layers = linears(model)
     assert bool(packed_layers) == packed and bool(plain_left) != packed
+
+
+def test_without_a_compiler_layers_take_the_onednn_layout_and_say_why_once():
+    """CC names no program: one warning, every layer packed for oneDNN, the same outputs."""
+    code = (
+        "import torch; from torch import nn; from qwen.packed_linear import PackedLinear\n"
+        "torch.manual_seed(0); linears = [nn.Linear(16, 40) for _ in range(3)]\n"
+        "layers = [PackedLinear(linear) for linear in linears]; x = torch.randn(2, 16)\n"
+        "with torch.inference_mode():\n"
+        "    assert all(torch.allclose(layer(x), linear(x), atol=1e-5) for layer, linear in zip(layers, linears))\n"
+        "print(sorted({layer.layout for layer in layers}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CC": "no-such-compiler"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['onednn']"
+    warnings = [line for line in done.stderr.splitlines() if "blocked linear kernel is not available" in line]
+    assert len(warnings) == 1 and "no C compiler 'no-such-compiler' (set CC)" in warnings[0]
+
+
+def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
+    compiler = tmp_path / "broken-cc"
+    # writes half a library where it was asked to, then fails
+    compiler.write_text('#!/bin/sh\neval out=\\${$#}\necho half > "$out"\n'
+                        "echo 'blocked_linear.c:1: error: no vectors here' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(KernelBuildError, match="broken-cc failed: blocked_linear.c:1: error: no vectors here"):
+        load_blocked_kernel(str(compiler))
+    assert not list((tmp_path / "cache" / "qwen" / "kernels").iterdir())  # no partial library left for later
+
+
+def test_the_build_is_kept_per_source_and_cpu(tmp_path, monkeypatch):
+    """Built once into the cache, then loaded from it: the compiler is not run again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    load_blocked_kernel("cc")
+    built = list((tmp_path / "cache" / "qwen" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    log = tmp_path / "calls"
+    counting = tmp_path / "counting-cc"
+    counting.write_text(f"#!/bin/sh\necho run >> {log}\nexec cc \"$@\"\n")
+    counting.chmod(0o755)
+    load_blocked_kernel(str(counting))  # another compiler: another library
+    load_blocked_kernel(str(counting))
+    assert log.read_text() == "run\n" and len(list(built[0].parent.iterdir())) == 2
