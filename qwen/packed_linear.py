@@ -4,11 +4,12 @@ Decoding multiplies a few rows (1 to 16 tokens per step) by every weight matrix,
 weights once; torch's CPU matmul on the plain [out, in] layout runs those small products far below what the memory
 allows. Two layouts, chosen per layer:
 
-- **blocked** (fp32, wherever a C compiler with OpenMP is found): our kernel, `qwen/blocked_linear.c`, built once
+- **blocked** (fp32, on x86 CPUs with AVX-512 or AVX2 and a C compiler with OpenMP): our kernel, `qwen/blocked_linear.c`, built once
   per machine into ~/.cache/qwen/kernels and called through ctypes. The rows of W in tiles of 32, each tile stored
   k-major; a tile's 32 outputs for 8 input rows stay in registers while its weights stream by once. On the demo
   model's shapes it reads the weights at ~33 GB/s at 1 and 8 rows where oneDNN's layout reads ~21 (bench/README).
-- **onednn** (bf16, or where the kernel cannot be built): oneDNN's blocked layout, the one torch.compile's
+- **onednn** (bf16, or where the kernel cannot be built: no compiler, or a CPU without AVX-512 or AVX2 with FMA,
+  where it was not measured faster): oneDNN's blocked layout, the one torch.compile's
   freezing pass gives CPU linear layers (the `mkldnn::_reorder_linear_weight` / `mkldnn::_linear_pointwise` ops).
 
 Either way a row's result does not depend on the other rows of the batch.
@@ -41,6 +42,7 @@ from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_SOURCE = Path(__file__).with_name("blocked_linear.c")
+TILE = 32  # weight rows per tile of the blocked layout: blocked_linear.c's TILE (checked when it loads)
 KERNEL_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 
 log = logging.getLogger(__name__)
@@ -94,13 +96,17 @@ def load_blocked_kernel(compiler: str | None = None):
             raise KernelBuildError(f"{compiler} failed: {exc}") from None
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            raise KernelBuildError(f"{compiler} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+            said = next((line for line in lines if "error" in line), lines[-1])  # the first error, not its notes
+            raise KernelBuildError(f"{compiler} failed: {said.strip()}")
         os.replace(partial, library)
     try:
-        function = ctypes.CDLL(str(library)).blocked_linear  # CDLL: the call releases the GIL
+        kernel = ctypes.CDLL(str(library))  # CDLL: its calls release the GIL
+        function, tile = kernel.blocked_linear, kernel.blocked_linear_tile()
     except (OSError, AttributeError) as exc:
         raise KernelBuildError(f"{library} does not load: {exc}") from None
+    if tile != TILE:
+        raise KernelBuildError(f"{library} has tiles of {tile} rows, not {TILE}")
     function.restype = None
     function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_long, ctypes.c_void_p]
@@ -116,9 +122,6 @@ def blocked_kernel():
     except KernelBuildError as exc:
         log.warning("the blocked linear kernel is not available (%s); packing for oneDNN instead", exc)
         return None
-
-
-TILE = 32  # weight rows per tile of the blocked layout: blocked_linear.c's TILE
 
 
 def to_blocked(weight: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from qwen import packed_linear
 from qwen.checkpoints import make_tiny_checkpoint
 from qwen.loading import load_model_and_tokenizer
 from qwen.packed_linear import (
@@ -18,6 +19,7 @@ from qwen.packed_linear import (
     PackedLinear,
     load_blocked_kernel,
     pack_linear_weights,
+    to_blocked,
     why_not_packable,
 )
 from qwen.scripts import add_checkpoint_args, load_checkpoint
@@ -156,3 +158,28 @@ def test_the_build_is_kept_per_source_and_cpu(tmp_path, monkeypatch):
     load_blocked_kernel(str(counting))  # another compiler: another library
     load_blocked_kernel(str(counting))
     assert log.read_text() == "run\n" and len(list(built[0].parent.iterdir())) == 2
+
+
+@pytest.mark.parametrize("march", ["haswell", "native"])  # AVX2 + FMA (2 rows a pass), and this machine's best
+def test_each_instruction_set_s_build_computes_the_product(march, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
+        f"-march={march}" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
+    kernel = load_blocked_kernel("cc")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(70, 45), torch.randn(70)
+    blocked = to_blocked(weight)
+    for rows in (1, 2, 3, 9):
+        x = torch.randn(rows, 45)
+        y = torch.full((rows, 70), float("nan"))
+        kernel(x.data_ptr(), rows, 45, blocked.data_ptr(), bias.data_ptr(), 70, y.data_ptr())
+        torch.testing.assert_close(y, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_without_avx2_gets_the_onednn_layout(tmp_path, monkeypatch):
+    """Built for the x86-64 baseline (SSE only), the kernel refuses: it was measured slower than oneDNN there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
+        "-march=x86-64" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
+    with pytest.raises(KernelBuildError, match="needs AVX-512, or AVX2 with FMA"):
+        load_blocked_kernel("cc")
