@@ -161,11 +161,14 @@ class PackedLinear(nn.Module):
     """y = x W^T + b with W held in a packed layout (`layout`: "blocked" or "onednn"; an opaque tensor, not a
     parameter)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, layout: str | None = None):
+        """`layout`: "blocked", "onednn", or None: blocked for fp32 where the kernel builds, else onednn."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.layout = "blocked" if weight.dtype == torch.float32 and blocked_kernel() is not None else "onednn"
+        if layout is None:
+            layout = "blocked" if weight.dtype == torch.float32 and blocked_kernel() is not None else "onednn"
+        self.layout = layout
         if self.layout == "blocked":
             self.packed_weight = to_blocked(weight)
         else:

@@ -37,6 +37,17 @@ def test_decode_bench_runs_and_prints_the_ratio():
     assert "bandwidth bound:" in done.stdout and "decode reaches QWenLMHeadModel" in done.stdout
 
 
+def test_linear_bench_compares_the_three_layouts(tmp_path):
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, "-m", "bench.linear_bench", "-c", str(checkpoint), "--rows", "1", "3",
+                           "--runs", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for rows in (1, 3):
+        assert all(f"rows {rows:4d}  {layout}" in done.stdout for layout in ("blocked", "onednn", "plain"))
+        assert f"rows {rows:4d}  blocked / oneDNN" in done.stdout
+    assert "read bound:" in done.stdout
+
+
 def test_serve_bench_interrupted_leaves_no_server_behind(tmp_path):
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
     bench = subprocess.Popen([sys.executable, "-m", "bench.serve_bench", "-c", str(checkpoint)], cwd=REPO,
