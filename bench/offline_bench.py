@@ -32,7 +32,14 @@ from openmp_wait import spin_briefly
 
 spin_briefly()  # before torch loads OpenMP, as the servers do
 
-from bench.serve_bench import TOPICS, paused, require_vllm, vllm_binding, vllm_environment  # noqa: E402
+from bench.serve_bench import (  # noqa: E402
+    TOPICS,
+    describe_vllm_start,
+    paused,
+    require_vllm,
+    vllm_binding,
+    vllm_environment,
+)
 
 # Runs in vLLM's environment: reads one JSON request a line ({"prompts": [[ids]], "max_tokens": N}), answers one
 # line "@@ " + JSON ({"seconds", "tokens"}; vLLM prints on stdout too). In a file, not `-c`: vLLM starts its engine
@@ -68,7 +75,7 @@ class VLLMOffline:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen([python, str(driver), str(model)], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-                                            env={**os.environ, **vllm_environment("all")})  # fmt: skip
+                                            env={**os.environ, **vllm_environment("all", python)})  # fmt: skip
         try:
             self._read()  # {"ready": true} once the model is loaded
         except BaseException:  # its engine process outlives a failed start otherwise
@@ -150,8 +157,8 @@ def main() -> int:
         started = time.perf_counter()
         vllm = VLLMOffline(args.peer_vllm, export, Path(tmp))
         try:
-            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; its log says: {vllm_binding(vllm.log)}",
-                  flush=True)
+            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; started with "
+                  f"{describe_vllm_start('all', args.peer_vllm)}; its log says: {vllm_binding(vllm.log)}", flush=True)
             while engine.decode_step == "compiling":
                 time.sleep(1)
             print(f"ours: {threads} threads, decode step {engine.decode_step}", flush=True)

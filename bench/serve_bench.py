@@ -30,6 +30,8 @@ import argparse
 import asyncio
 import contextlib
 import os
+import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -117,15 +119,49 @@ def require_vllm(python: str) -> None:
                  "(see bench/README.md).")
 
 
-def vllm_environment(binding: str) -> dict[str, str]:
-    """What vLLM's CPU build is told about threads: "all" binds one OpenMP thread to every CPU this process may use
-    and reserves none for the front end; "auto" is vLLM's default (it reserves one CPU on a small machine)."""
+# What vLLM's CPU install guide asks to preload for its best performance (section "set LD_PRELOAD"; its worker
+# warns when either is missing): TCMalloc, from the system, and Intel's OpenMP (x86), from vLLM's environment.
+VLLM_PRELOADS = {"libtcmalloc": "apt-get install libtcmalloc-minimal4",
+                 "libiomp5": "pip install intel-openmp, in vLLM's environment"}  # fmt: skip
+
+
+def vllm_preloads(python: str) -> tuple[list[str], list[str]]:
+    """(the VLLM_PRELOADS found here, as paths; how to install each one missing)."""
+    found, missing = [], []
+    listed = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout if shutil.which("ldconfig") else ""
+    tcmalloc = [line.split("=> ")[-1].strip() for line in listed.splitlines()
+                if line.strip().startswith(("libtcmalloc_minimal.so", "libtcmalloc.so")) and "=> " in line]
+    found += tcmalloc[:1]
+    missing += [] if tcmalloc else [VLLM_PRELOADS["libtcmalloc"]]
+    if platform.machine() in ("x86_64", "AMD64"):
+        prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+        iomp = Path(prefix.stdout.strip()) / "lib" / "libiomp5.so"
+        found += [str(iomp)] if prefix.returncode == 0 and iomp.exists() else []
+        missing += [] if iomp.exists() else [VLLM_PRELOADS["libiomp5"]]
+    return found, missing
+
+
+def vllm_environment(binding: str, python: str) -> dict[str, str]:
+    """What vLLM's CPU build is started with: the libraries its guide asks to preload (those found), and its threads:
+    "all" binds one OpenMP thread to every CPU this process may use and reserves none for the front end; "auto" is
+    vLLM's default (it reserves one CPU on a small machine)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    preloads, _ = vllm_preloads(python)
+    if preloads:
+        env["LD_PRELOAD"] = ":".join([*preloads, *filter(None, [os.environ.get("LD_PRELOAD")])])
     if binding == "all":
         cpus = sorted(os.sched_getaffinity(0))
         env |= {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "OMP_NUM_THREADS": str(len(cpus))}  # fmt: skip
     return env
+
+
+def describe_vllm_start(binding: str, python: str) -> str:
+    """The settings vLLM is started with that decide its speed, on one line, and what its guide asks that is missing."""
+    told = {k: v for k, v in vllm_environment(binding, python).items() if k != "HF_HUB_OFFLINE"}
+    _, missing = vllm_preloads(python)
+    line = " ".join(f"{k}={v}" for k, v in told.items())
+    return line + "".join(f"; WITHOUT a library its CPU guide asks to preload ({how})" for how in missing)
 
 
 def vllm_binding(log: Path) -> str:
@@ -151,7 +187,7 @@ def running_vllm(python: str, model: Path, binding: str, log: Path, max_model_le
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", str(max_model_len), "--max-num-seqs", "16"]  # fmt: skip
-    env = {**os.environ, **vllm_environment(binding)}
+    env = {**os.environ, **vllm_environment(binding, python)}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -359,10 +395,8 @@ def start_vllm_peers(stack: contextlib.ExitStack, args) -> list[tuple[str, str, 
     for binding in args.vllm_binding:
         started, log = time.perf_counter(), tmp / f"vllm-{binding}.log"
         url, pid = stack.enter_context(running_vllm(args.peer_vllm, export, binding, log))
-        threads = {k: v for k, v in vllm_environment(binding).items() if "THREADS" in k or "RESERVED" in k}
-        told = " ".join(f"{k}={v}" for k, v in threads.items())
         print(f"vLLM-{binding} ready in {time.perf_counter() - started:.0f} s; started with "
-              f"{told or 'its default binding'}; its log says: {vllm_binding(log)}", flush=True)
+              f"{describe_vllm_start(binding, args.peer_vllm)}; its log says: {vllm_binding(log)}", flush=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGSTOP)  # no idle polling while the next one starts (resumed when measured)
         peers.append((f"vLLM-{binding}", url, pid))

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import openai
 
-from bench.serve_bench import run_round, running_server, running_vllm, served_model, vllm_binding
+from bench.serve_bench import (
+    describe_vllm_start,
+    run_round,
+    running_server,
+    running_vllm,
+    served_model,
+    vllm_binding,
+)
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -109,8 +116,9 @@ def main() -> int:
         started = time.perf_counter()
         log = Path(tmp) / "vllm.log"
         with running_vllm(args.vllm_python, export, args.vllm_binding, log, args.max_model_len) as (url, _):
-            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; its OpenMP binding: {vllm_binding(log)}",
-                  flush=True)
+            print(f"vLLM ready in {time.perf_counter() - started:.0f} s; started with "
+                  f"{describe_vllm_start(args.vllm_binding, args.vllm_python)}; its OpenMP binding: "
+                  f"{vllm_binding(log)}", flush=True)
             answers["vLLM"] = greedy_answer(url, 32)
             results["vLLM"] = measure(url, args.clients, args.max_tokens, args.rounds)
         report("vLLM", answers["vLLM"], results["vLLM"])

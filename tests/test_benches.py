@@ -1,10 +1,12 @@
 """The benchmarks run on the installed versions and clean up after themselves (they are run by hand, not timed)."""
 
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -142,9 +144,9 @@ def test_vllm_peer_gets_every_cpu_and_its_reported_binding_is_read_back(tmp_path
     from bench.serve_bench import vllm_binding, vllm_environment
 
     cpus = sorted(os.sched_getaffinity(0))
-    env = vllm_environment("all")
+    env = vllm_environment("all", sys.executable)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cpus)) and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment("auto")  # vLLM's own choice
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_environment("auto", sys.executable)  # vLLM's own choice
     log = tmp_path / "vllm.log"  # the lines vLLM 0.32's CPU worker logs (vllm/utils/ompmultiprocessing.py)
     prefix = "(EngineCore pid=1) INFO 12-04 22:00:00 [ompmultiprocessing.py:185] "
     log.write_text("".join(prefix + line + "\n" for line in [
@@ -153,6 +155,33 @@ def test_vllm_peer_gets_every_cpu_and_its_reported_binding_is_read_back(tmp_path
         + "(EngineCore pid=1) INFO 12-04 22:00:01 [core.py:1] next\n")  # fmt: skip
     assert vllm_binding(log) == ("VLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True, skip_setup=False; "
                                  "local_world_size=1, reserve_cpu_num=1; local_rank=0, core ids=[1]; reserved_cpus=[0]")
+
+
+def fake_python(prefix: Path) -> str:
+    """A "python" that answers `sys.prefix` with `prefix` (all vllm_preloads asks it)."""
+    program = prefix / "bin" / "python"
+    program.parent.mkdir(parents=True)
+    program.write_text(f"#!/bin/sh\necho {prefix}\n")
+    program.chmod(0o755)
+    return str(program)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel's OpenMP is asked for on x86 only")
+def test_vllm_is_started_with_the_libraries_its_guide_asks_to_preload(tmp_path):
+    """TCMalloc from the system, Intel's OpenMP from vLLM's environment: preloaded when found, named when not."""
+    from bench.serve_bench import describe_vllm_start, vllm_environment, vllm_preloads
+
+    with_iomp = fake_python(tmp_path / "with")
+    (tmp_path / "with" / "lib").mkdir()
+    (tmp_path / "with" / "lib" / "libiomp5.so").write_bytes(b"")
+    found, missing = vllm_preloads(with_iomp)
+    assert str(tmp_path / "with" / "lib" / "libiomp5.so") in found
+    assert vllm_environment("all", with_iomp)["LD_PRELOAD"].split(":")[: len(found)] == found
+    tcmalloc = [path for path in found if "libtcmalloc" in Path(path).name]
+    assert (missing == []) if tcmalloc else (missing == ["apt-get install libtcmalloc-minimal4"])
+    without = describe_vllm_start("all", fake_python(tmp_path / "without"))
+    assert "WITHOUT a library its CPU guide asks to preload (pip install intel-openmp, in vLLM's environment)" in without
+    assert "VLLM_CPU_OMP_THREADS_BIND=" in without and "libiomp5" not in without.split(";")[0]
 
 
 def test_serve_bench_multiturn_chats_resend_their_history(tmp_path):
