@@ -4,8 +4,9 @@ Runs our engine in this process as the servers run it (packed weights, the compi
 is compiled) and vLLM's `LLM` in a child process of the given python (the `to-qwen2` export of the same checkpoint,
 fp32, every CPU bound to its OpenMP threads, as serve_bench starts it). Both get the same chat prompts (token ids
 built by our ChatML code), greedy, --max-tokens each with ignore_eos, 1 and --clients at once, in interleaved
-rounds; vLLM's processes are paused (SIGSTOP) while ours is measured. Prints tokens/s, ours / vLLM per round and
-the binding vLLM reports in its log.
+rounds; vLLM's processes are paused (SIGSTOP) while ours is measured. Prints tokens/s, ours / vLLM per round, the
+settings vLLM is started with and the binding it reports in its log, and both engines at 1 prompt against the
+memory bound (the weights a step reads over decode_bench's read rate).
 
 Set beside serve_bench (same load through each one's OpenAI server), it says how much each server's HTTP side
 costs its engine.
@@ -133,6 +134,7 @@ def main() -> int:
 
     import torch
 
+    from bench.decode_bench import read_bandwidth
     from qwen.chat_backend import ChatBackend
     from qwen.demo import demo_checkpoint
     from qwen.export import export_qwen2
@@ -145,6 +147,9 @@ def main() -> int:
     torch.set_num_threads(1)  # as the servers, before loading: one OpenMP team, the engine thread's (prepare_server)
     source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
     model, tokenizer = load_model_and_tokenizer(str(source), cpu_only=True)
+    # what a decode step's matrix products read: every linear layer's weights (a tied output layer included)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                       if isinstance(m, torch.nn.Linear))  # fmt: skip
     pack_linear_weights(model)
     backend = ChatBackend.from_model(model, tokenizer, max_batch_size=args.clients, threads=threads,
                                      compile_decode=not args.no_compile)  # fmt: skip
@@ -188,6 +193,12 @@ def main() -> int:
         print(f"{n} prompt(s): ours {statistics.median(rates['ours', n]):.1f}, vLLM "
               f"{statistics.median(rates['vLLM', n]):.1f} tokens/s (medians): ours / vLLM "
               f"{statistics.median(ratios):.2f}x (per round {min(ratios):.2f}-{max(ratios):.2f})")
+    torch.set_num_threads(threads)  # the engine's threads, vLLM gone
+    bandwidth, measured_by = read_bandwidth("cpu", torch.float32)
+    bound = bandwidth / weight_bytes
+    print(f"1 prompt against the memory bound ({weight_bytes / 1e6:.0f} MB of weights a step at "
+          f"{bandwidth / 1e9:.1f} GB/s, {measured_by}: {bound:.1f} tokens/s): ours "
+          f"{statistics.median(rates['ours', 1]) / bound:.0%}, vLLM {statistics.median(rates['vLLM', 1]) / bound:.0%}")
     return 0
 
 

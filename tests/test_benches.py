@@ -257,6 +257,7 @@ def test_offline_bench_gives_vllm_the_prompt_ids_ours_decodes_and_prints_the_rat
     assert done.returncode == 0, done.stderr
     assert "ours: 1 threads, decode step eager" in done.stdout
     assert "1 prompt(s): ours" in done.stdout and "2 prompt(s): ours" in done.stdout and "ours / vLLM" in done.stdout
+    assert "1 prompt against the memory bound (" in done.stdout and "vLLM " in done.stdout.splitlines()[-1]
     loaded, *calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert loaded["dtype"] == "float32" and loaded["model"].endswith("qwen2")  # the to-qwen2 export
     assert all(call["params"] == {"max_tokens": 3, "temperature": 0, "ignore_eos": True} for call in calls)
