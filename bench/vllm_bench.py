@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import openai
 
 from bench.serve_bench import (
     describe_vllm_start,
+    require_vllm,
     run_round,
     running_server,
     running_vllm,
@@ -95,9 +95,7 @@ def main() -> int:
     parser.add_argument("--plot", default="vllm_bench.png", help="where to save the bar chart")
     args = parser.parse_args()
 
-    if subprocess.run([args.vllm_python, "-c", "import vllm"], capture_output=True).returncode != 0:
-        sys.exit(f"Error: `import vllm` fails with {args.vllm_python}: install vLLM in its own environment and pass "
-                 "--vllm-python /path/to/that/env/bin/python (see examples/serving_vllm.md).")
+    require_vllm(args.vllm_python)
     from qwen.demo import demo_checkpoint
     from qwen.export import export_qwen2
 

@@ -284,9 +284,10 @@ def test_offline_bench_stops_what_vllm_started_when_its_start_fails(tmp_path):
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
-@pytest.mark.parametrize("bench", ["offline_bench", "serve_bench"])
+@pytest.mark.parametrize("bench, flag", [("offline_bench", "--peer-vllm"), ("serve_bench", "--peer-vllm"),
+                                         ("vllm_bench", "--vllm-python")])  # fmt: skip
 @pytest.mark.parametrize("python", [sys.executable, "/nonexistent/bin/python"], ids=["no-vllm", "no-such-program"])
-def test_the_benches_say_when_the_given_python_has_no_vllm(bench, python):
-    done = subprocess.run([sys.executable, "-m", f"bench.{bench}", "--peer-vllm", python],
+def test_the_benches_say_when_the_given_python_has_no_vllm(bench, flag, python):
+    done = subprocess.run([sys.executable, "-m", f"bench.{bench}", flag, python],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 1 and "`import vllm` fails" in done.stderr and "Traceback" not in done.stderr
