@@ -1,4 +1,4 @@
-"""The matrix products of a decode step by weight layout: our blocked kernel (qwen/blocked_linear.c), oneDNN's packed
+"""The matrix products of a decode step by weight layout: our blocked kernel (qwen/blocked_linear.cpp), oneDNN's packed
 layout (what torch.compile's freezing pass and vLLM's CPU build use) and the plain layout (F.linear), over every
 linear layer of a model in order, at 1 and 8 rows (decoding 1 and 8 requests) and 128 (a prefill chunk).
 

@@ -3,8 +3,9 @@
 A decode step of a small model is not only matrix math: per layer it runs an RMSNorm, the rotary embedding, the
 cache write, attention and the residual adds as a dozen small ops, each a Python call and a pass over memory. On the
 demo model that is ~14 of the step's ~45 ms (the packed linears are the other ~31; see bench/README.md). Compiled,
-inductor fuses those ops into a few C++ loops and calls the packed linears as opaque ops (`qwen::packed_linear`):
-the step takes ~36 ms, what vLLM's compiled CPU runner takes for the same model.
+inductor fuses those ops into a few C++ loops and calls the packed linears as opaque ops (`qwen::blocked_linear`,
+a C++ op, or `qwen::onednn_linear`): the step takes ~36 ms, what vLLM's compiled CPU runner takes for the same
+model.
 
 The compiled function is the model's own forward (`model(...)`, every architecture the engine serves), over a
 cache that only writes each row's new token at its column of the engine's slot storage and reads the first

@@ -4,10 +4,10 @@ Decoding multiplies a few rows (1 to 16 tokens per step) by every weight matrix,
 weights once; torch's CPU matmul on the plain [out, in] layout runs those small products far below what the memory
 allows. Two layouts, chosen per layer:
 
-- **blocked** (fp32, on x86 CPUs with AVX-512 or AVX2 and a C compiler with OpenMP): our kernel, `qwen/blocked_linear.c`, built once
-  per machine into ~/.cache/qwen/kernels and called through ctypes. The rows of W in tiles of 32, each tile stored
-  k-major; a tile's 32 outputs for 8 input rows stay in registers while its weights stream by once. On the demo
-  model's shapes it reads the weights at ~33 GB/s at 1 and 8 rows where oneDNN's layout reads ~21 (bench/README).
+- **blocked** (fp32, on x86 CPUs with AVX-512 or AVX2 and a C++ compiler with OpenMP): our kernel and torch op
+  `qwen::blocked_linear` (`qwen/blocked_linear.cpp`), built once per machine against this torch into
+  ~/.cache/qwen/kernels. The rows of W in tiles of 32, each tile stored k-major; a tile's 32 outputs for 8 input
+  rows stay in registers while its weights stream by once (bench/linear_bench.py compares it with oneDNN's).
 - **onednn** (bf16, or where the kernel cannot be built: no compiler, or a CPU without AVX-512 or AVX2 with FMA,
   where it was not measured faster): oneDNN's blocked layout, the one torch.compile's
   freezing pass gives CPU linear layers (the `mkldnn::_reorder_linear_weight` / `mkldnn::_linear_pointwise` ops).
@@ -17,10 +17,11 @@ Either way a row's result does not depend on the other rows of the batch.
 Only for inference: a packed layer has no gradient and no state_dict entry for its weight. The scripts pack
 after loading (`--weight-layout`, qwen.scripts); GPU models, quantized layers and training are left alone.
 
-Under torch.compile (the engine's compiled decode step) a packed layer calls the custom op `qwen::packed_linear`,
-which inductor keeps as one opaque call while it fuses everything around it: the op takes a handle to the layer's
-weight (an int, as vLLM's oneDNN op takes its weight handle), since fake tensors can trace neither an mkldnn
-tensor nor a ctypes call.
+Under torch.compile (the engine's compiled decode step) inductor keeps each product as one opaque call while it
+fuses everything around it: `qwen::blocked_linear` is a C++ op, called from the compiled graph with no Python in
+between (~1 ms a step on the demo model, against a Python op); a oneDNN layer calls the Python op
+`qwen::onednn_linear`, which takes a handle to the layer's weight (an int, as vLLM's oneDNN op takes its weight
+handle), since fake tensors cannot trace an mkldnn tensor.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ import torch
 from torch import nn
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-KERNEL_SOURCE = Path(__file__).with_name("blocked_linear.c")
-TILE = 32  # weight rows per tile of the blocked layout: blocked_linear.c's TILE (checked when it loads)
-KERNEL_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
+KERNEL_SOURCE = Path(__file__).with_name("blocked_linear.cpp")
+TILE = 32  # weight rows per tile of the blocked layout: blocked_linear.cpp's TILE (checked when it loads)
+KERNEL_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 
 log = logging.getLogger(__name__)
 
-# handle -> (layout, packed weight, bias) of every live PackedLinear, for the custom op (an entry goes with its layer)
-_PACKED: dict[int, tuple[str, torch.Tensor, torch.Tensor | None]] = {}
+# handle -> (packed weight, bias) of every live oneDNN PackedLinear, for its op (an entry goes with its layer)
+_ONEDNN: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 _handles = itertools.count()
 
 
@@ -77,19 +78,29 @@ def _kernel_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="qwen-kernels-"))
 
 
-def load_blocked_kernel(compiler: str | None = None):
-    """The kernel's ctypes function, built with `compiler` (default: $CC, else cc) unless a build for this source,
-    compiler and CPU is cached; raises KernelBuildError."""
-    compiler = compiler or os.environ.get("CC") or "cc"
+def _torch_flags() -> list[str]:
+    """What building against this torch takes: its headers, its C++ ABI, its libraries."""
+    root = Path(torch.__file__).parent
+    return [f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10"]
+
+
+def load_blocked_kernel(compiler: str | None = None) -> ctypes.CDLL:
+    """The kernel's library (its C function `blocked_linear`, and `blocked_linear_register` to serve the op), built
+    with `compiler` (default: $CXX, else c++) unless a build for this source, torch, compiler and CPU is cached;
+    raises KernelBuildError."""
+    compiler = compiler or os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
-        raise KernelBuildError(f"no C compiler '{compiler}' (set CC)")
+        raise KernelBuildError(f"no C++ compiler '{compiler}' (set CXX)")
     source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, KERNEL_FLAGS), _cpu_flags()]))
+    flags = [*KERNEL_FLAGS, *_torch_flags()]
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), torch.__version__.encode(), *map(str.encode, flags),
+                                      _cpu_flags()]))
     library = _kernel_dir() / f"blocked_linear-{key.hexdigest()[:16]}.so"
     if not library.exists():
         partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # renamed when whole: builds may race
         try:
-            done = subprocess.run([compiler, *KERNEL_FLAGS, str(KERNEL_SOURCE), "-o", str(partial)],
+            done = subprocess.run([compiler, str(KERNEL_SOURCE), *flags, "-o", str(partial)],
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as exc:
             partial.unlink(missing_ok=True)
@@ -101,27 +112,29 @@ def load_blocked_kernel(compiler: str | None = None):
             raise KernelBuildError(f"{compiler} failed: {said.strip()}")
         os.replace(partial, library)
     try:
-        kernel = ctypes.CDLL(str(library))  # CDLL: its calls release the GIL
-        function, tile = kernel.blocked_linear, kernel.blocked_linear_tile()
+        kernel = ctypes.CDLL(str(library))
+        tile = kernel.blocked_linear_tile()
     except (OSError, AttributeError) as exc:
         raise KernelBuildError(f"{library} does not load: {exc}") from None
     if tile != TILE:
         raise KernelBuildError(f"{library} has tiles of {tile} rows, not {TILE}")
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_long, ctypes.c_void_p]
-    return function
+    kernel.blocked_linear.restype = None
+    kernel.blocked_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+    return kernel
 
 
 @functools.cache
-def blocked_kernel():
-    """The kernel for this process (built on first use), or None where it cannot be built: said once, and layers
-    take oneDNN's layout instead."""
+def blocked_kernel() -> ctypes.CDLL | None:
+    """The kernel serving `qwen::blocked_linear` in this process (built on first use), or None where it cannot be
+    built: said once, and layers take oneDNN's layout instead."""
     try:
-        return load_blocked_kernel()
+        kernel = load_blocked_kernel()
     except KernelBuildError as exc:
         log.warning("the blocked linear kernel is not available (%s); packing for oneDNN instead", exc)
         return None
+    kernel.blocked_linear_register()
+    return kernel
 
 
 def to_blocked(weight: torch.Tensor) -> torch.Tensor:
@@ -133,26 +146,25 @@ def to_blocked(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(tiles, TILE, columns).transpose(1, 2).contiguous()
 
 
-def _product(layout: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, out_features: int):
-    """x [..., in] @ W^T + b -> [..., out] with a packed weight."""
-    if layout == "onednn":
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-    if rows.dtype != torch.float32:
-        raise TypeError(f"a blocked fp32 layer got {rows.dtype} inputs")
-    y = rows.new_empty(rows.shape[0], out_features)  # [M, N]
-    blocked_kernel()(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(),
-                     None if bias is None else bias.data_ptr(), out_features, y.data_ptr())
-    return y.view(*x.shape[:-1], out_features)
+torch.library.define("qwen::blocked_linear", "(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor")
 
 
-@torch.library.custom_op("qwen::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """x [..., in] @ W^T + b -> [..., out] with the packed weight registered under `handle`."""
-    return _product(*_PACKED[handle], x, out_features)
+@torch.library.register_fake("qwen::blocked_linear")
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
-@packed_linear.register_fake
+def _onednn_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("qwen::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x [..., in] @ W^T + b -> [..., out] with the oneDNN-packed weight registered under `handle`."""
+    return _onednn_product(*_ONEDNN[handle], x)
+
+
+@onednn_linear.register_fake
 def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -171,18 +183,23 @@ class PackedLinear(nn.Module):
         self.layout = layout
         if self.layout == "blocked":
             self.packed_weight = to_blocked(weight)
+            torch._dynamo.mark_static(self.packed_weight)  # its sizes are constants, not symbols, in a dynamic graph
         else:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.handle = next(_handles)
-        _PACKED[self.handle] = (self.layout, self.packed_weight, self.bias)
-        weakref.finalize(self, _PACKED.pop, self.handle, None)
+        self.handle = None
+        if self.layout == "onednn":
+            self.handle = next(_handles)
+            _ONEDNN[self.handle] = (self.packed_weight, self.bias)
+            weakref.finalize(self, _ONEDNN.pop, self.handle, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the op call costs ~20 us more in eager: only where it is traced
-            return packed_linear(x, self.handle, self.out_features)
-        return _product(self.layout, self.packed_weight, self.bias, x, self.out_features)
+        if self.layout == "blocked":
+            return torch.ops.qwen.blocked_linear.default(x, self.packed_weight, self.bias, self.out_features)
+        if torch.compiler.is_compiling():  # the Python op costs ~20 us more in eager: only where it is traced
+            return onednn_linear(x, self.handle, self.out_features)
+        return _onednn_product(self.packed_weight, self.bias, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

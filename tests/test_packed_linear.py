@@ -116,7 +116,7 @@ def test_the_scripts_pack_unless_told_not_to(tiny, layout, packed):
 
 
 def test_without_a_compiler_layers_take_the_onednn_layout_and_say_why_once():
-    """CC names no program: one warning, every layer packed for oneDNN, the same outputs."""
+    """CXX names no program: one warning, every layer packed for oneDNN, the same outputs."""
     code = (
         "import torch; from torch import nn; from qwen.packed_linear import PackedLinear\n"
         "torch.manual_seed(0); linears = [nn.Linear(16, 40) for _ in range(3)]\n"
@@ -126,21 +126,21 @@ def test_without_a_compiler_layers_take_the_onednn_layout_and_say_why_once():
         "print(sorted({layer.layout for layer in layers}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CC": "no-such-compiler"})
+                          env={**os.environ, "CXX": "no-such-compiler"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['onednn']"
     warnings = [line for line in done.stderr.splitlines() if "blocked linear kernel is not available" in line]
-    assert len(warnings) == 1 and "no C compiler 'no-such-compiler' (set CC)" in warnings[0]
+    assert len(warnings) == 1 and "no C++ compiler 'no-such-compiler' (set CXX)" in warnings[0]
 
 
 def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
-    compiler = tmp_path / "broken-cc"
+    compiler = tmp_path / "broken-c++"
     # writes half a library where it was asked to, then fails
     compiler.write_text('#!/bin/sh\neval out=\\${$#}\necho half > "$out"\n'
-                        "echo 'blocked_linear.c:1: error: no vectors here' >&2\nexit 1\n")
+                        "echo 'blocked_linear.cpp:1: error: no vectors here' >&2\nexit 1\n")
     compiler.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(KernelBuildError, match="broken-cc failed: blocked_linear.c:1: error: no vectors here"):
+    with pytest.raises(KernelBuildError, match=r"broken-c\+\+ failed: blocked_linear.cpp:1: error: no vectors here"):
         load_blocked_kernel(str(compiler))
     assert not list((tmp_path / "cache" / "qwen" / "kernels").iterdir())  # no partial library left for later
 
@@ -148,12 +148,12 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
 def test_the_build_is_kept_per_source_and_cpu(tmp_path, monkeypatch):
     """Built once into the cache, then loaded from it: the compiler is not run again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    load_blocked_kernel("cc")
+    load_blocked_kernel("c++")
     built = list((tmp_path / "cache" / "qwen" / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     log = tmp_path / "calls"
-    counting = tmp_path / "counting-cc"
-    counting.write_text(f"#!/bin/sh\necho run >> {log}\nexec cc \"$@\"\n")
+    counting = tmp_path / "counting-c++"
+    counting.write_text(f"#!/bin/sh\necho run >> {log}\nexec c++ \"$@\"\n")
     counting.chmod(0o755)
     load_blocked_kernel(str(counting))  # another compiler: another library
     load_blocked_kernel(str(counting))
@@ -165,14 +165,14 @@ def test_each_instruction_set_s_build_computes_the_product(march, tmp_path, monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
         f"-march={march}" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
-    kernel = load_blocked_kernel("cc")
+    kernel = load_blocked_kernel("c++")
     torch.manual_seed(0)
     weight, bias = torch.randn(70, 45), torch.randn(70)
     blocked = to_blocked(weight)
     for rows in (1, 2, 3, 9):
         x = torch.randn(rows, 45)
         y = torch.full((rows, 70), float("nan"))
-        kernel(x.data_ptr(), rows, 45, blocked.data_ptr(), bias.data_ptr(), 70, y.data_ptr())
+        kernel.blocked_linear(x.data_ptr(), rows, 45, blocked.data_ptr(), bias.data_ptr(), 70, y.data_ptr())
         torch.testing.assert_close(y, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
 
 
@@ -182,4 +182,29 @@ def test_a_cpu_without_avx2_gets_the_onednn_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
         "-march=x86-64" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
     with pytest.raises(KernelBuildError, match="needs AVX-512, or AVX2 with FMA"):
-        load_blocked_kernel("cc")
+        load_blocked_kernel("c++")
+
+
+def test_the_compiled_graph_calls_the_kernel_without_python(tmp_path):
+    """qwen::blocked_linear's CPU kernel is the C++ function of blocked_linear.cpp (not a Python function the graph
+    would call back into), and inductor keeps it as one call in the graph it compiles."""
+    layer = PackedLinear(nn.Linear(40, 70))
+    assert layer.layout == "blocked"
+    kernels = torch._C._dispatch_dump("qwen::blocked_linear")
+    assert "CPU: registered at" in kernels and "blocked_linear.cpp" in kernels.split("CPU: registered at")[1]
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        got, (code,) = run_and_get_code(torch.compile(lambda x: layer(x).relu(), dynamic=True), x)
+        torch.testing.assert_close(got, layer(x).relu())
+    assert code.count("torch.ops.qwen.blocked_linear.default(") == 1
+
+
+def test_the_op_refuses_a_weight_that_is_not_blocked_for_its_input():
+    """A mismatched weight would read past its end: the op says what is wrong instead."""
+    layer = PackedLinear(nn.Linear(40, 70))
+    with pytest.raises(RuntimeError, match=r"not a blocked \[tiles, 41, 32\] tensor for 70 outputs"):
+        torch.ops.qwen.blocked_linear(torch.randn(2, 41), layer.packed_weight, layer.bias, 70)
+    with pytest.raises(RuntimeError, match="a blocked fp32 layer got BFloat16 inputs"):
+        layer(torch.randn(2, 40, dtype=torch.bfloat16))

@@ -1,13 +1,17 @@
-/* The CPU decode step's matrix product (qwen/packed_linear.py builds this file with the system's C compiler and
- * calls it through ctypes): y[M, N] = x[M, K] W^T + b, fp32, with W stored "blocked": its N rows in tiles of
- * TILE, each tile k-major, wb[tile][k][TILE] (rows past N are zeros).
+/* The CPU decode step's matrix product, the torch op qwen::blocked_linear (qwen/packed_linear.py builds this file
+ * with the system's C++ compiler against torch's headers): y[M, N] = x[M, K] W^T + b, fp32, with W stored "blocked":
+ * its N rows in tiles of TILE, each tile k-major, wb[tile][k][TILE] (rows past N are zeros).
  *
  * Decoding multiplies a few rows by each matrix, so the product is bound by reading the weights once. Here one
  * tile's TILE outputs for up to MR input rows stay in registers for the whole k loop: every weight is read once
  * per MR rows, sequentially, and used for MR multiply-adds. OpenMP threads split the tiles (the caller's
  * OpenMP team: torch's own libgomp, already loaded). A row's arithmetic does not depend on the other rows. */
 
-#include <stddef.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
 
 #define TILE 32 /* outputs per tile */
 #if defined(__AVX512F__)
@@ -47,10 +51,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, long K, c
   }
 }
 
-int blocked_linear_tile(void) { return TILE; }
+extern "C" int blocked_linear_tile(void) { return TILE; }
 
 /* y [M, N] = x [M, K] @ W^T + bias (bias may be NULL); wb: W blocked as above */
-void blocked_linear(const float *x, long M, long K, const float *wb, const float *bias, long N, float *y) {
+extern "C" void blocked_linear(const float *x, long M, long K, const float *wb, const float *bias, long N, float *y) {
   long tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static)
   for (long t = 0; t < tiles; t++) {
@@ -73,4 +77,29 @@ void blocked_linear(const float *x, long M, long K, const float *wb, const float
       }
     }
   }
+}
+
+/* The op: x [..., K], weight [ceil(N / TILE), K, TILE] (to_blocked), bias [N] or none -> [..., N] */
+static at::Tensor blocked_linear_op(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                                    int64_t out_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "a blocked fp32 layer got ", x.scalar_type(), " inputs");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 3 && weight.size(1) == K && weight.size(2) == TILE &&
+                  weight.size(0) * TILE >= out_features && (!bias || (bias->is_contiguous() && bias->numel() == out_features)),
+              "qwen::blocked_linear: the weight is not a blocked [tiles, ", K, ", ", TILE, "] tensor for ", out_features,
+              " outputs, or the bias does not match");
+  at::Tensor rows = x.reshape({-1, K}).contiguous();           /* [M, K] */
+  at::Tensor y = at::empty({rows.size(0), out_features}, rows.options()); /* [M, N] */
+  blocked_linear(rows.const_data_ptr<float>(), rows.size(0), K, weight.const_data_ptr<float>(),
+                 bias ? bias->const_data_ptr<float>() : nullptr, out_features, y.mutable_data_ptr<float>());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return y.view(shape);
+}
+
+/* Called once by the build a process uses (the schema and its fake are defined in qwen/packed_linear.py); other
+ * builds can be loaded beside it for their C kernel (the tests build each instruction set's). */
+extern "C" void blocked_linear_register(void) {
+  static torch::Library library(torch::Library::IMPL, "qwen", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  library.impl("blocked_linear", TORCH_FN(blocked_linear_op));
 }
