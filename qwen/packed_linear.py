@@ -180,6 +180,8 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         if layout is None:
             layout = "blocked" if weight.dtype == torch.float32 and blocked_kernel() is not None else "onednn"
+        if layout == "blocked" and blocked_kernel() is None:
+            raise KernelBuildError("the blocked layout's kernel could not be built here (the warning above says why)")
         self.layout = layout
         if self.layout == "blocked":
             self.packed_weight = to_blocked(weight)
