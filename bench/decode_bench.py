@@ -71,6 +71,14 @@ def read_bandwidth(device: str, dtype: torch.dtype, megabytes: int = 256, runs: 
     return rates[name], name
 
 
+def decode_step_bytes(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter once, except the input embedding (one row of it
+    is read), whose matrix does count where the output layer shares it. Before packing: packed weights are not
+    parameters."""
+    embedding, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or p is output)
+
+
 def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
     if prompt.device.type == "cuda":
         torch.cuda.synchronize()
@@ -114,8 +122,7 @@ def main():
     for model in (ours, peer):
         model.generation_config.eos_token_id = None  # decode exactly --new-tokens
     params = sum(p.numel() for p in ours.parameters()) / 1e6  # before packing: packed weights are not parameters
-    # a batch-1 decode step reads every weight once except the input embedding (one row of it)
-    step_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "wte" not in n)
+    step_bytes = decode_step_bytes(ours)
     layout = "plain"
     if args.weight_layout == "packed" and pack_linear_weights(ours):
         layout = "packed"

@@ -134,7 +134,7 @@ def main() -> int:
 
     import torch
 
-    from bench.decode_bench import read_bandwidth
+    from bench.decode_bench import decode_step_bytes, read_bandwidth
     from qwen.chat_backend import ChatBackend
     from qwen.demo import demo_checkpoint
     from qwen.export import export_qwen2
@@ -147,9 +147,7 @@ def main() -> int:
     torch.set_num_threads(1)  # as the servers, before loading: one OpenMP team, the engine thread's (prepare_server)
     source = Path(args.checkpoint_path) if args.checkpoint_path else demo_checkpoint()
     model, tokenizer = load_model_and_tokenizer(str(source), cpu_only=True)
-    # what a decode step's matrix products read: every linear layer's weights (a tied output layer included)
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                       if isinstance(m, torch.nn.Linear))  # fmt: skip
+    weight_bytes = decode_step_bytes(model)
     pack_linear_weights(model)
     backend = ChatBackend.from_model(model, tokenizer, max_batch_size=args.clients, threads=threads,
                                      compile_decode=not args.no_compile)  # fmt: skip
