@@ -1,5 +1,5 @@
 """docker/: the CPU image builds, serves the API as a non-root user with the model mounted read-only, reports
-healthy and answers a chat request like our own model does.
+healthy, compiles its decode step (the image's g++) and answers a chat request like our own model does.
 
 The build takes minutes (about 4 the first time, seconds when Docker's cache has it), so it runs only with
 QWEN_DOCKER_TEST=1, and is skipped with the reason where Docker (with BuildKit) is not available. No registry is
@@ -194,6 +194,17 @@ def _wait_healthy(container: str, timeout_s: float = 300) -> None:
         time.sleep(3)
 
 
+def _decode_step_after_compiling(port: int, timeout_s: float = 300) -> str:
+    """The server's /health "decode_step" once it is no longer "compiling"."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while (step := httpx.get(f"http://127.0.0.1:{port}/health").json()["decode_step"]) == "compiling":
+        assert time.monotonic() < deadline, f"still compiling after {timeout_s:.0f} s"
+        time.sleep(3)
+    return step
+
+
 def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpoint):
     from openai import OpenAI
 
@@ -213,6 +224,11 @@ def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpo
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         assert [m.id for m in client.models.list()] == [demo_checkpoint.name]  # the checkpoint's own name
+        # the image's compiler builds the fp32 kernel and inductor's decode step (without one: "failed", eager)
+        assert _decode_step_after_compiling(port) == "compiled", _run(["docker", "logs", name]).stderr[-3000:]
+        kernel = _run(["docker", "exec", name, "python", "-c",
+                       "from qwen.packed_linear import blocked_kernel; print(blocked_kernel() is not None)"])
+        assert kernel.stdout.strip() == "True", kernel.stderr[-3000:]
         question = "What is the capital of France?"
         reply = client.chat.completions.create(
             model=demo_checkpoint.name, messages=[{"role": "user", "content": question}], temperature=0,
