@@ -3,6 +3,8 @@
 import copy
 import json
 import random
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO, load_reference
@@ -39,6 +41,16 @@ def test_template_strings_are_the_originals():
     assert REACT_INSTRUCTION == GOLDEN["REACT_INSTRUCTION"]
 
 
+def _source_files(pattern: str) -> list[Path]:
+    """The repository's files matching `pattern`, git-ignored ones left out (a build/ or a venv holds copies of
+    qwen/ that are not the repository's); every match where this is not a git checkout."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", pattern],
+                            cwd=REPO, capture_output=True)  # fmt: skip
+    if listed.returncode != 0:
+        return [path for path in REPO.rglob(pattern) if ".venv" not in path.parts]
+    return [REPO / name for name in listed.stdout.decode().split("\0") if name and (REPO / name).is_file()]
+
+
 def test_template_strings_have_one_copy_in_the_repo():
     # taken from the golden file so that this test holds no copy either
     phrases = (
@@ -47,9 +59,8 @@ def test_template_strings_have_one_copy_in_the_repo():
     )
     copies = [
         path.relative_to(REPO)
-        for path in REPO.rglob("*.py")
-        if ".venv" not in path.parts
-        and path != REPO / "qwen" / "react.py"
+        for path in _source_files("*.py")
+        if path != REPO / "qwen" / "react.py"
         and any(p in path.read_text(encoding="utf-8", errors="ignore") for p in phrases)
     ]
     assert copies == [], f"ReAct prompt text copied outside qwen/react.py: {copies}"
