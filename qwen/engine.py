@@ -552,7 +552,8 @@ class Engine:
         logits = self._forward(rows, input_ids, columns, positions, columns)
         for seq in seqs:
             seq.cached += 1
-        self._emit_tokens(seqs, logits[[s.slot for s in seqs]])
+        slots = [s.slot for s in seqs]
+        self._emit_tokens(seqs, logits if slots == rows else logits[slots])  # every slot fed: no copy of the logits
 
     def _forward(self, rows, input_ids, columns, positions, visible, copies=(), **kwargs) -> torch.Tensor:
         """One forward over cache slots `rows`: input_ids/columns/positions/visible are [n, T] Python lists
