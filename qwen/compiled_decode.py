@@ -35,7 +35,8 @@ from .slot_cache import PlainStore, SlotCache, write_tokens
 log = logging.getLogger("qwen.engine")  # the engine's few lines (qwen.scripts shows them)
 
 
-# What each compiled step checks, cut to what can change while serving (~1.4 ms a step less, 8% at 1 row).
+# What each compiled step checks, cut to what can change while serving (~0.9 ms a step less at 1 row on the demo
+# model: outside the products 2.5 -> 1.6 ms, bench/README.md).
 STEP_OPTIONS = {
     # No guards on the model's modules (~5,000: hooks, attributes, parameters): a served model never changes.
     # Guards on the step's inputs, sizes and global state stay: they pick the batch-1 or batch >= 2 graph and send
