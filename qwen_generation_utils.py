@@ -9,7 +9,7 @@ import codecs
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, PreTrainedTokenizerFast
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the system prompt the chat models were trained with
 # The chat models' generation_config.json defaults (Qwen-7B-Chat), used where a checkpoint does not set them.
@@ -256,6 +256,10 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._window: list[int] = []  # a few emitted ids, then the pending ones (other tokenizers)
         self._read_offset = 0  # ids of _window before it are already emitted
+        # a fast tokenizer whose decode adds nothing to its backend's is asked directly (a third of the cost a token)
+        plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and not tokenizer.clean_up_tokenization_spaces
+                 and type(tokenizer)._decode is PreTrainedTokenizerFast._decode)
+        self._decode_ids = tokenizer.backend_tokenizer.decode if plain else tokenizer.decode
 
     def push(self, token_ids: int | Sequence[int]) -> str:
         if torch.is_tensor(token_ids):
@@ -276,7 +280,7 @@ class IncrementalDetokenizer:
         return new_text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _window_delta(self, final: bool) -> str:
         # Decode the emitted tail (prefix) with and without the new ids: the difference is the new text. The

@@ -205,9 +205,9 @@ def _spy(monkeypatch, tokenizer, method: str) -> list[int]:
     sizes = []
     original = getattr(tokenizer, method)
 
-    def counted(ids, *args, **kwargs):
-        sizes.append(len(ids))
-        return original(ids, *args, **kwargs)
+    def counted(*args, **kwargs):
+        sizes.append(len(args[-1]))  # the ids: the last positional argument (after `self` on a class)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(tokenizer, method, counted)
     return sizes
@@ -217,8 +217,8 @@ def test_streaming_token_by_token_is_exact_and_never_broken(any_tok, monkeypatch
     ids = encode_plain(any_tok, STREAM_TEXT)
     expected = any_tok.decode(ids)
     assert expected == STREAM_TEXT
-    method = "decode_bytes" if isinstance(any_tok, QWenTokenizer) else "decode"
-    sizes = _spy(monkeypatch, any_tok, method)
+    method = "decode_bytes" if isinstance(any_tok, QWenTokenizer) else "_decode"
+    sizes = _spy(monkeypatch, any_tok if method == "decode_bytes" else IncrementalDetokenizer, method)
     stream = IncrementalDetokenizer(any_tok)
     pieces = [stream.push(token) for token in ids]
     pieces.append(stream.finish())
@@ -234,6 +234,17 @@ def test_streaming_token_by_token_is_exact_and_never_broken(any_tok, monkeypatch
     assert max(sizes) <= bound
     half = len(sizes) // 2
     assert sum(sizes[half:]) <= sum(sizes[:half]) * 1.2
+
+
+def test_streaming_asks_a_fast_tokenizers_backend_unless_its_decode_adds_to_it(fast_tok, monkeypatch):
+    ids = encode_plain(fast_tok, STREAM_TEXT)
+    for clean_up in (False, True):
+        monkeypatch.setattr(fast_tok, "clean_up_tokenization_spaces", clean_up)
+        expected = fast_tok.decode(ids)
+        calls = _spy(monkeypatch, fast_tok, "decode")
+        stream = IncrementalDetokenizer(fast_tok)
+        assert "".join(stream.push(token) for token in ids) + stream.finish() == expected
+        assert bool(calls) == clean_up  # the cleaning is the tokenizer's: only its own decode applies it
 
 
 def test_streaming_skips_special_tokens_unless_asked(any_tok):

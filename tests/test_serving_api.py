@@ -36,6 +36,7 @@ from conftest import (
 
 from qwen import protocol as api
 from qwen.serving import create_app
+from qwen.serving.streams import TextChunks, json_text
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
 
@@ -99,6 +100,33 @@ def test_chat_stream_with_include_usage(scripted):
     assert len({c.id for c in chunks}) == 1
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat(scripted).usage.total_tokens
+
+
+@pytest.mark.parametrize("text", ["plain", 'a "quote", a \\ and a /', "two\nlines\ttab", "中文 🙂 \u2028",
+                                  TextChunks.MARK, "", "\x00"])
+def test_a_streamed_text_chunk_is_the_models_own_dump(text):
+    """The per-token template gives the bytes the protocol's model dumps, whatever the text and the model's name."""
+    def body(content, model=TextChunks.MARK, index=1):  # a client may name its model so
+        choice = api.ChatCompletionChunkChoice(index=index, delta=api.DeltaMessage(content=content))
+        dumped = api.ChatCompletionChunk(id="chatcmpl-1", model=model, choices=[choice]).model_dump(exclude_none=True)
+        dumped["choices"][0].setdefault("finish_reason", None)
+        return dumped
+
+    assert TextChunks(body(TextChunks.MARK))(text) == json_text(body(text))
+    assert json.loads(TextChunks(body(TextChunks.MARK))(text))["choices"][0]["delta"]["content"] == text
+
+
+def test_the_server_runs_on_uvloop(tokenizer):
+    """uvicorn picks uvloop (requirements-api.txt) over asyncio's loop: less server CPU a streamed token."""
+    import uvloop
+
+    from qwen.serving.app import server_config
+
+    loop = server_config(create_app(ScriptedLM(tokenizer), tokenizer)).get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
 
 
 def test_n_choices(scripted):

@@ -226,9 +226,10 @@ class GracefulServer(uvicorn.Server):
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> uvicorn.Config:
-    """uvicorn's settings for `app` (from create_app): its connection guard (qwen.serving.guard), and a backstop
-    for the graceful shutdown."""
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(app.state.limits),
+    """uvicorn's settings for `app` (from create_app): uvloop where installed (requirements-api.txt), its connection
+    guard (qwen.serving.guard), and a backstop for the graceful shutdown."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="auto",
+                          http=protocol_class(app.state.limits),
                           timeout_graceful_shutdown=app.state.server.shutdown_timeout + 15)
 
 

@@ -16,7 +16,7 @@ from ..chat_api import is_chat_model
 from ..engine import SamplingParams, TokenEvent
 from .http import APIError
 from .server import OpenAIServer
-from .streams import answer_unless_disconnected, event_stream, merge
+from .streams import TextChunks, answer_unless_disconnected, event_stream, json_text, merge
 
 # how a tool call is reported: `tools` requests get tool_calls, legacy `functions` requests get function_call
 CALL_FINISH_REASONS = {False: "tool_calls", True: "function_call"}
@@ -187,23 +187,30 @@ class ChatCompletions:
         return body
 
     async def chunks(self, streams, model: str, prompt_tokens: int, include_usage: bool,
-                     plan: ChatPlan) -> AsyncIterator[dict]:
+                     plan: ChatPlan) -> AsyncIterator[str]:
         chunk_id = api.chat_completion_id()
         usage = None if not include_usage else api.Usage(prompt_tokens=prompt_tokens)
         call_counts = [0] * len(streams)
 
-        def chunk(index: int, delta: api.DeltaMessage, **fields) -> dict:
+        def body(index: int, delta: api.DeltaMessage, **fields) -> dict:
             choice = api.ChatCompletionChunkChoice(index=index, delta=delta, **fields)
             body = api.ChatCompletionChunk(id=chunk_id, model=model, choices=[choice]).model_dump(exclude_none=True)
             body["choices"][0].setdefault("finish_reason", None)
             return body
 
+        def chunk(index: int, delta: api.DeltaMessage, **fields) -> str:
+            return json_text(body(index, delta, **fields))
+
+        text_chunks = [TextChunks(body(i, api.DeltaMessage(content=TextChunks.MARK))) for i in range(len(streams))]
+
         for i in range(len(streams)):
             yield chunk(i, api.DeltaMessage(role="assistant", content=""))
         async for i, delta in merge(streams):
             match delta:
+                case TextDelta() if not delta.logprobs:
+                    yield text_chunks[i](delta.text)
                 case TextDelta():
-                    logprobs = api.ChoiceLogprobs(content=delta.logprobs) if delta.logprobs else None
+                    logprobs = api.ChoiceLogprobs(content=delta.logprobs)
                     yield chunk(i, api.DeltaMessage(content=delta.text), logprobs=logprobs)
                 case CallDelta():
                     function = api.DeltaFunctionCall(name=delta.call.name, arguments=delta.call.arguments)
@@ -220,6 +227,5 @@ class ChatCompletions:
                         usage.completion_tokens += delta.completion_tokens
         if usage is not None:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield api.ChatCompletionChunk(id=chunk_id, model=model, choices=[], usage=usage).model_dump(
-                exclude_none=True
-            )
+            usage_chunk = api.ChatCompletionChunk(id=chunk_id, model=model, choices=[], usage=usage)
+            yield json_text(usage_chunk.model_dump(exclude_none=True))

@@ -12,7 +12,7 @@ from .. import protocol as api
 from ..engine import TokenEvent
 from .http import APIError
 from .server import OpenAIServer
-from .streams import answer_unless_disconnected, event_stream, merge
+from .streams import TextChunks, answer_unless_disconnected, event_stream, json_text, merge
 
 
 class TextCompletions:
@@ -88,16 +88,21 @@ class TextCompletions:
                           total_tokens=prompt_tokens + completion_tokens)
         return api.CompletionResponse(model=model, choices=choices, usage=usage).model_dump(exclude_none=True)
 
-    async def chunks(self, streams, echoes, model, prompt_tokens, include_usage, want_logprobs) -> AsyncIterator[dict]:
+    async def chunks(self, streams, echoes, model, prompt_tokens, include_usage, want_logprobs) -> AsyncIterator[str]:
         chunk_id = api.completion_id()
         offsets = [len(e) for e in echoes]
         usage = None if not include_usage else api.Usage(prompt_tokens=prompt_tokens)
 
-        def chunk(index: int, text: str, **fields) -> dict:
+        def body(index: int, text: str, **fields) -> dict:
             choice = api.CompletionChoice(index=index, text=text, **fields)
             body = api.CompletionChunk(id=chunk_id, model=model, choices=[choice]).model_dump(exclude_none=True)
             body["choices"][0].setdefault("finish_reason", None)
             return body
+
+        def chunk(index: int, text: str, **fields) -> str:
+            return json_text(body(index, text, **fields))
+
+        text_chunks = [TextChunks(body(i, TextChunks.MARK)) for i in range(len(streams))]
 
         for i, echo in enumerate(echoes):
             if echo:
@@ -105,10 +110,13 @@ class TextCompletions:
         async for i, piece in merge(streams):
             logprobs = self.logprobs(piece.tokens, offsets[i]) if want_logprobs else None
             offsets[i] += len(piece.text)
-            if piece.text or piece.finish_reason:
+            if piece.text and not (logprobs or piece.finish_reason):
+                yield text_chunks[i](piece.text)
+            elif piece.text or piece.finish_reason:
                 yield chunk(i, piece.text, logprobs=logprobs, finish_reason=piece.finish_reason)
             if piece.finish_reason and usage is not None:
                 usage.completion_tokens += piece.completion_tokens
         if usage is not None:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield api.CompletionChunk(id=chunk_id, model=model, choices=[], usage=usage).model_dump(exclude_none=True)
+            usage_chunk = api.CompletionChunk(id=chunk_id, model=model, choices=[], usage=usage)
+            yield json_text(usage_chunk.model_dump(exclude_none=True))
