@@ -256,7 +256,8 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._window: list[int] = []  # a few emitted ids, then the pending ones (other tokenizers)
         self._read_offset = 0  # ids of _window before it are already emitted
-        # a fast tokenizer whose decode adds nothing to its backend's is asked directly (a third of the cost a token)
+        # a fast tokenizer whose decode adds nothing to its backend's is asked directly: transformers' decode wraps
+        # the same call in argument conversion and checks, twice a token here
         plain = (isinstance(tokenizer, PreTrainedTokenizerFast) and not tokenizer.clean_up_tokenization_spaces
                  and type(tokenizer)._decode is PreTrainedTokenizerFast._decode)
         self._decode_ids = tokenizer.backend_tokenizer.decode if plain else tokenizer.decode
