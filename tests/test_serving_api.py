@@ -36,7 +36,7 @@ from conftest import (
 
 from qwen import protocol as api
 from qwen.serving import create_app
-from qwen.serving.streams import TextChunks, json_text
+from qwen.serving.streams import TextChunks, chunk_body, json_text
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen_generation_utils import encode_plain, make_context
 
@@ -108,9 +108,7 @@ def test_a_streamed_text_chunk_is_the_models_own_dump(text):
     """The per-token template gives the bytes the protocol's model dumps, whatever the text and the model's name."""
     def body(content, model=TextChunks.MARK, index=1):  # a client may name its model so
         choice = api.ChatCompletionChunkChoice(index=index, delta=api.DeltaMessage(content=content))
-        dumped = api.ChatCompletionChunk(id="chatcmpl-1", model=model, choices=[choice]).model_dump(exclude_none=True)
-        dumped["choices"][0].setdefault("finish_reason", None)
-        return dumped
+        return chunk_body(api.ChatCompletionChunk(id="chatcmpl-1", model=model, choices=[choice]))
 
     assert TextChunks(body(TextChunks.MARK))(text) == json_text(body(text))
     assert json.loads(TextChunks(body(TextChunks.MARK))(text))["choices"][0]["delta"]["content"] == text

@@ -16,7 +16,7 @@ from ..chat_api import is_chat_model
 from ..engine import SamplingParams, TokenEvent
 from .http import APIError
 from .server import OpenAIServer
-from .streams import TextChunks, answer_unless_disconnected, event_stream, json_text, merge
+from .streams import TextChunks, answer_unless_disconnected, chunk_body, event_stream, json_text, merge
 
 # how a tool call is reported: `tools` requests get tool_calls, legacy `functions` requests get function_call
 CALL_FINISH_REASONS = {False: "tool_calls", True: "function_call"}
@@ -194,9 +194,7 @@ class ChatCompletions:
 
         def body(index: int, delta: api.DeltaMessage, **fields) -> dict:
             choice = api.ChatCompletionChunkChoice(index=index, delta=delta, **fields)
-            body = api.ChatCompletionChunk(id=chunk_id, model=model, choices=[choice]).model_dump(exclude_none=True)
-            body["choices"][0].setdefault("finish_reason", None)
-            return body
+            return chunk_body(api.ChatCompletionChunk(id=chunk_id, model=model, choices=[choice]))
 
         def chunk(index: int, delta: api.DeltaMessage, **fields) -> str:
             return json_text(body(index, delta, **fields))

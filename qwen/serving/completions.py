@@ -12,7 +12,7 @@ from .. import protocol as api
 from ..engine import TokenEvent
 from .http import APIError
 from .server import OpenAIServer
-from .streams import TextChunks, answer_unless_disconnected, event_stream, json_text, merge
+from .streams import TextChunks, answer_unless_disconnected, chunk_body, event_stream, json_text, merge
 
 
 class TextCompletions:
@@ -95,9 +95,7 @@ class TextCompletions:
 
         def body(index: int, text: str, **fields) -> dict:
             choice = api.CompletionChoice(index=index, text=text, **fields)
-            body = api.CompletionChunk(id=chunk_id, model=model, choices=[choice]).model_dump(exclude_none=True)
-            body["choices"][0].setdefault("finish_reason", None)
-            return body
+            return chunk_body(api.CompletionChunk(id=chunk_id, model=model, choices=[choice]))
 
         def chunk(index: int, text: str, **fields) -> str:
             return json_text(body(index, text, **fields))

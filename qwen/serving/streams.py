@@ -98,6 +98,14 @@ async def answer_unless_disconnected(request: Request, handles, response: Awaita
             handle.cancel()
 
 
+def chunk_body(chunk) -> dict:
+    """A stream chunk (a protocol model with one choice) as sent: unset fields left out, but `finish_reason` null
+    until the choice ends, as OpenAI sends it."""
+    body = chunk.model_dump(exclude_none=True)
+    body["choices"][0].setdefault("finish_reason", None)
+    return body
+
+
 def json_text(body: dict) -> str:
     """A chunk's JSON, as the stream sends it."""
     return json.dumps(body, ensure_ascii=False)
