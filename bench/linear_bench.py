@@ -1,4 +1,4 @@
-"""The matrix products of a decode step by weight layout: our blocked kernel (qwen/blocked_linear.cpp), oneDNN's packed
+"""The matrix products of a decode step by weight layout: our blocked kernel (qwen/cpu_kernels.cpp), oneDNN's packed
 layout (what torch.compile's freezing pass and vLLM's CPU build use) and the plain layout (F.linear), over every
 linear layer of a model in order, at 1 and 8 rows (decoding 1 and 8 requests) and 128 (a prefill chunk).
 
@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from bench.decode_bench import read_bandwidth
+from qwen.cpu_kernels import cpu_kernels
 from qwen.loading import load_model_and_tokenizer
-from qwen.packed_linear import PackedLinear, blocked_kernel
+from qwen.packed_linear import PackedLinear
 
 LAYOUTS = ("blocked", "onednn", "plain")
 
@@ -45,7 +46,7 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if blocked_kernel() is None:
+    if cpu_kernels() is None:
         raise SystemExit("the blocked kernel is not available here (the warning above says why): nothing to compare")
     model, _ = load_model_and_tokenizer(args.checkpoint_path, cpu_only=True, dtype="fp32")
     plain = [m for m in model.modules() if type(m) is nn.Linear]

@@ -31,6 +31,7 @@ import torch
 
 from .compat import cache_kwargs
 from .compiled_decode import CompiledDecode, why_not_compilable
+from .cpu_kernels import use_cpu_decode_attention
 from .errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from .sampling import INVALID, SamplerState, SamplingParams, sample
 from .slot_cache import SPARE, SlotCache, store_for
@@ -221,6 +222,7 @@ class Engine:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})")
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        use_cpu_decode_attention(model)  # a CPU fp32 model decodes with our attention kernel (sdpa otherwise)
         if prefill_chunk is None:
             cpu = self.device.type == "cpu"
             prefill_chunk = DEFAULT_PREFILL_CHUNK_CPU if cpu else DEFAULT_PREFILL_CHUNK_ACCELERATOR

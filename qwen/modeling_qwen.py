@@ -195,9 +195,11 @@ class QWenAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if length == 1 and query.device.type == "cpu" and torch.compiler.is_compiling():
-            # one query per row, compiled on the CPU (the engine's decode step): inductor fuses the mask and the
-            # softmax between two matmuls, faster than SDPA's flash kernel, which is built for many query rows
+        if (length == 1 and query.device.type == "cpu" and torch.compiler.is_compiling()
+                and self.config._attn_implementation == "sdpa"):
+            # one query per row, compiled on the CPU (the engine's decode step without qwen.cpu_kernels' attention):
+            # inductor fuses the mask and the softmax between two matmuls, faster than SDPA's flash kernel, which is
+            # built for many query rows
             attention_interface = eager_attention_forward
         attn_output, attn_weights = attention_interface(
             self,

@@ -5,9 +5,9 @@ weights once; torch's CPU matmul on the plain [out, in] layout runs those small 
 allows. Two layouts, chosen per layer:
 
 - **blocked** (fp32, on x86 CPUs with AVX-512 or AVX2 and a C++ compiler with OpenMP): our kernel and torch op
-  `qwen::blocked_linear` (`qwen/blocked_linear.cpp`), built once per machine against this torch into
-  ~/.cache/qwen/kernels. The rows of W in tiles of 32, each tile stored k-major; a tile's 32 outputs for 8 input
-  rows stay in registers while its weights stream by once (bench/linear_bench.py compares it with oneDNN's).
+  `qwen::blocked_linear` (`qwen/cpu_kernels.cpp`, built once per machine: qwen.cpu_kernels). The rows of W in
+  tiles of 32, each tile stored k-major; a tile's 32 outputs for 8 input rows stay in registers while its weights
+  stream by once (bench/linear_bench.py compares it with oneDNN's).
 - **onednn** (bf16, or where the kernel cannot be built: no compiler, or a CPU without AVX-512 or AVX2 with FMA,
   where it was not measured faster): oneDNN's blocked layout, the one torch.compile's
   freezing pass gives CPU linear layers (the `mkldnn::_reorder_linear_weight` / `mkldnn::_linear_pointwise` ops).
@@ -26,115 +26,19 @@ handle), since fake tensors cannot trace an mkldnn tensor.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import itertools
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import weakref
-from pathlib import Path
 
 import torch
 from torch import nn
 
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-KERNEL_SOURCE = Path(__file__).with_name("blocked_linear.cpp")
-TILE = 32  # weight rows per tile of the blocked layout: blocked_linear.cpp's TILE (checked when it loads)
-KERNEL_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+from .cpu_kernels import TILE, KernelBuildError, cpu_kernels
 
-log = logging.getLogger(__name__)
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 # handle -> (packed weight, bias) of every live oneDNN PackedLinear, for its op (an entry goes with its layer)
 _ONEDNN: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 _handles = itertools.count()
-
-
-class KernelBuildError(RuntimeError):
-    """The blocked layout's kernel could not be built or loaded here (the message says why)."""
-
-
-def _cpu_flags() -> bytes:
-    """What -march=native depends on, for the build's cache key (a shared home may serve several CPUs)."""
-    try:
-        with open("/proc/cpuinfo", "rb") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith((b"flags", b"Features"))), b"")
-    except OSError:
-        import platform
-
-        return platform.processor().encode()
-
-
-def _kernel_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    path = Path(base) / "qwen" / "kernels"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    except OSError:  # a read-only home (a container): the build is per process then
-        return Path(tempfile.mkdtemp(prefix="qwen-kernels-"))
-
-
-def _torch_flags() -> list[str]:
-    """What building against this torch takes: its headers, its C++ ABI, its libraries."""
-    root = Path(torch.__file__).parent
-    return [f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10"]
-
-
-def load_blocked_kernel(compiler: str | None = None) -> ctypes.CDLL:
-    """The kernel's library (its C function `blocked_linear`, and `blocked_linear_register` to serve the op), built
-    with `compiler` (default: $CXX, else c++) unless a build for this source, torch, compiler and CPU is cached;
-    raises KernelBuildError."""
-    compiler = compiler or os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
-        raise KernelBuildError(f"no C++ compiler '{compiler}' (set CXX)")
-    source = KERNEL_SOURCE.read_bytes()
-    flags = [*KERNEL_FLAGS, *_torch_flags()]
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), torch.__version__.encode(), *map(str.encode, flags),
-                                      _cpu_flags()]))
-    library = _kernel_dir() / f"blocked_linear-{key.hexdigest()[:16]}.so"
-    if not library.exists():
-        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # renamed when whole: builds may race
-        try:
-            done = subprocess.run([compiler, str(KERNEL_SOURCE), *flags, "-o", str(partial)],
-                                  capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            partial.unlink(missing_ok=True)
-            raise KernelBuildError(f"{compiler} failed: {exc}") from None
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-            said = next((line for line in lines if "error" in line), lines[-1])  # the first error, not its notes
-            raise KernelBuildError(f"{compiler} failed: {said.strip()}")
-        os.replace(partial, library)
-    try:
-        kernel = ctypes.CDLL(str(library))
-        tile = kernel.blocked_linear_tile()
-    except (OSError, AttributeError) as exc:
-        raise KernelBuildError(f"{library} does not load: {exc}") from None
-    if tile != TILE:
-        raise KernelBuildError(f"{library} has tiles of {tile} rows, not {TILE}")
-    kernel.blocked_linear.restype = None
-    kernel.blocked_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-    return kernel
-
-
-@functools.cache
-def blocked_kernel() -> ctypes.CDLL | None:
-    """The kernel serving `qwen::blocked_linear` in this process (built on first use), or None where it cannot be
-    built: said once, and layers take oneDNN's layout instead."""
-    try:
-        kernel = load_blocked_kernel()
-    except KernelBuildError as exc:
-        log.warning("the blocked linear kernel is not available (%s); packing for oneDNN instead", exc)
-        return None
-    kernel.blocked_linear_register()
-    return kernel
 
 
 def to_blocked(weight: torch.Tensor) -> torch.Tensor:
@@ -144,14 +48,6 @@ def to_blocked(weight: torch.Tensor) -> torch.Tensor:
     if tiles * TILE != rows:
         weight = torch.cat([weight, weight.new_zeros(tiles * TILE - rows, columns)])
     return weight.view(tiles, TILE, columns).transpose(1, 2).contiguous()
-
-
-torch.library.define("qwen::blocked_linear", "(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor")
-
-
-@torch.library.register_fake("qwen::blocked_linear")
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _onednn_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +75,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         if layout is None:
-            layout = "blocked" if weight.dtype == torch.float32 and blocked_kernel() is not None else "onednn"
-        if layout == "blocked" and blocked_kernel() is None:
+            layout = "blocked" if weight.dtype == torch.float32 and cpu_kernels() is not None else "onednn"
+        if layout == "blocked" and cpu_kernels() is None:
             raise KernelBuildError("the blocked layout's kernel could not be built here (the warning above says why)")
         self.layout = layout
         if self.layout == "blocked":
@@ -240,5 +136,4 @@ def pack_linear_weights(model: nn.Module) -> int:
     return replaced
 
 
-__all__ = ["KernelBuildError", "PackedLinear", "blocked_kernel", "load_blocked_kernel", "pack_linear_weights",
-           "to_blocked", "why_not_packable"]
+__all__ = ["PackedLinear", "pack_linear_weights", "to_blocked", "why_not_packable"]

@@ -227,7 +227,7 @@ def test_api_image_serves_the_model_healthy_and_unprivileged(image, demo_checkpo
         # the image's compiler builds the fp32 kernel and inductor's decode step (without one: "failed", eager)
         assert _decode_step_after_compiling(port) == "compiled", _run(["docker", "logs", name]).stderr[-3000:]
         kernel = _run(["docker", "exec", name, "python", "-c",
-                       "from qwen.packed_linear import blocked_kernel; print(blocked_kernel() is not None)"])
+                       "from qwen.cpu_kernels import cpu_kernels; print(cpu_kernels() is not None)"])
         assert kernel.stdout.strip() == "True", kernel.stderr[-3000:]
         question = "What is the capital of France?"
         reply = client.chat.completions.create(

@@ -10,18 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from qwen import packed_linear
+from qwen import cpu_kernels
 from qwen.checkpoints import make_tiny_checkpoint
+from qwen.cpu_kernels import TILE, KernelBuildError, load_cpu_kernels
 from qwen.loading import load_model_and_tokenizer
-from qwen.packed_linear import (
-    TILE,
-    KernelBuildError,
-    PackedLinear,
-    load_blocked_kernel,
-    pack_linear_weights,
-    to_blocked,
-    why_not_packable,
-)
+from qwen.packed_linear import PackedLinear, pack_linear_weights, to_blocked, why_not_packable
 from qwen.scripts import add_checkpoint_args, load_checkpoint
 
 
@@ -124,7 +117,7 @@ def test_without_a_compiler_layers_take_the_onednn_layout_and_say_why_once():
         "with torch.inference_mode():\n"
         "    assert all(torch.allclose(layer(x), linear(x), atol=1e-5) for layer, linear in zip(layers, linears))\n"
         "print(sorted({layer.layout for layer in layers}))\n"
-        "from qwen.packed_linear import KernelBuildError\n"
+        "from qwen.cpu_kernels import KernelBuildError\n"
         "try:\n    PackedLinear(linears[0], 'blocked')\nexcept KernelBuildError as exc:\n    print(exc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -132,7 +125,7 @@ def test_without_a_compiler_layers_take_the_onednn_layout_and_say_why_once():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["['onednn']", "the blocked layout's kernel could not be built here (the "
                                         "warning above says why)"]
-    warnings = [line for line in done.stderr.splitlines() if "blocked linear kernel is not available" in line]
+    warnings = [line for line in done.stderr.splitlines() if "CPU kernels are not available" in line]
     assert len(warnings) == 1 and "no C++ compiler 'no-such-compiler' (set CXX)" in warnings[0]
 
 
@@ -140,35 +133,35 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     compiler = tmp_path / "broken-c++"
     # writes half a library where it was asked to, then fails
     compiler.write_text('#!/bin/sh\neval out=\\${$#}\necho half > "$out"\n'
-                        "echo 'blocked_linear.cpp:1: error: no vectors here' >&2\nexit 1\n")
+                        "echo 'cpu_kernels.cpp:1: error: no vectors here' >&2\nexit 1\n")
     compiler.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(KernelBuildError, match=r"broken-c\+\+ failed: blocked_linear.cpp:1: error: no vectors here"):
-        load_blocked_kernel(str(compiler))
+    with pytest.raises(KernelBuildError, match=r"broken-c\+\+ failed: cpu_kernels.cpp:1: error: no vectors here"):
+        load_cpu_kernels(str(compiler))
     assert not list((tmp_path / "cache" / "qwen" / "kernels").iterdir())  # no partial library left for later
 
 
 def test_the_build_is_kept_per_source_and_cpu(tmp_path, monkeypatch):
     """Built once into the cache, then loaded from it: the compiler is not run again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    load_blocked_kernel("c++")
+    load_cpu_kernels("c++")
     built = list((tmp_path / "cache" / "qwen" / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     log = tmp_path / "calls"
     counting = tmp_path / "counting-c++"
     counting.write_text(f"#!/bin/sh\necho run >> {log}\nexec c++ \"$@\"\n")
     counting.chmod(0o755)
-    load_blocked_kernel(str(counting))  # another compiler: another library
-    load_blocked_kernel(str(counting))
+    load_cpu_kernels(str(counting))  # another compiler: another library
+    load_cpu_kernels(str(counting))
     assert log.read_text() == "run\n" and len(list(built[0].parent.iterdir())) == 2
 
 
 @pytest.mark.parametrize("march", ["haswell", "native"])  # AVX2 + FMA (2 rows a pass), and this machine's best
 def test_each_instruction_set_s_build_computes_the_product(march, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
-        f"-march={march}" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
-    kernel = load_blocked_kernel("c++")
+    monkeypatch.setattr(cpu_kernels, "KERNEL_FLAGS", tuple(
+        f"-march={march}" if flag.startswith("-march") else flag for flag in cpu_kernels.KERNEL_FLAGS))
+    kernel = load_cpu_kernels("c++")
     torch.manual_seed(0)
     weight, bias = torch.randn(70, 45), torch.randn(70)
     blocked = to_blocked(weight)
@@ -182,19 +175,19 @@ def test_each_instruction_set_s_build_computes_the_product(march, tmp_path, monk
 def test_a_cpu_without_avx2_gets_the_onednn_layout(tmp_path, monkeypatch):
     """Built for the x86-64 baseline (SSE only), the kernel refuses: it was measured slower than oneDNN there."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(packed_linear, "KERNEL_FLAGS", tuple(
-        "-march=x86-64" if flag.startswith("-march") else flag for flag in packed_linear.KERNEL_FLAGS))
-    with pytest.raises(KernelBuildError, match="needs AVX-512, or AVX2 with FMA"):
-        load_blocked_kernel("c++")
+    monkeypatch.setattr(cpu_kernels, "KERNEL_FLAGS", tuple(
+        "-march=x86-64" if flag.startswith("-march") else flag for flag in cpu_kernels.KERNEL_FLAGS))
+    with pytest.raises(KernelBuildError, match="need AVX-512, or AVX2 with FMA"):
+        load_cpu_kernels("c++")
 
 
 def test_the_compiled_graph_calls_the_kernel_without_python(tmp_path):
-    """qwen::blocked_linear's CPU kernel is the C++ function of blocked_linear.cpp (not a Python function the graph
+    """qwen::blocked_linear's CPU kernel is the C++ function of cpu_kernels.cpp (not a Python function the graph
     would call back into), and inductor keeps it as one call in the graph it compiles."""
     layer = PackedLinear(nn.Linear(40, 70))
     assert layer.layout == "blocked"
     kernels = torch._C._dispatch_dump("qwen::blocked_linear")
-    assert "CPU: registered at" in kernels and "blocked_linear.cpp" in kernels.split("CPU: registered at")[1]
+    assert "CPU: registered at" in kernels and "cpu_kernels.cpp" in kernels.split("CPU: registered at")[1]
     from torch._inductor.utils import run_and_get_code
 
     x = torch.randn(3, 40)
