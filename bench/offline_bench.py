@@ -8,19 +8,26 @@ rounds; vLLM's processes are paused (SIGSTOP) while ours is measured. Prints tok
 settings vLLM is started with and the binding it reports in its log, and both engines at 1 prompt against the
 memory bound (the weights a step reads over decode_bench's read rate).
 
+With --context N each prompt is instead N random token ids, new ones every round (no prefix cache, ours or
+vLLM's, can serve them), and each round also times a 1-token run on other new prompts of that length: the bench
+prints the cold prefill's time and the decode rate apart ((max-tokens - 1) tokens a prompt over the time the full
+run took beyond the prefill).
+
 Set beside serve_bench (same load through each one's OpenAI server), it says how much each server's HTTP side
 costs its engine.
 
     python -m bench.offline_bench --peer-vllm /tmp/vllm-venv/bin/python [-c CHECKPOINT] [--clients 8]
-                                  [--max-tokens 128] [--rounds 3]
+                                  [--max-tokens 128] [--rounds 3] [--context N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -110,6 +117,11 @@ class VLLMOffline:
         self.process.wait()
 
 
+def fresh_prompts(rng: random.Random, n: int, length: int, vocabulary: int) -> list[list[int]]:
+    """n prompts of `length` random ids (past the first 1,000: no special tokens)."""
+    return [[rng.randrange(1000, vocabulary) for _ in range(length)] for _ in range(n)]
+
+
 def ours_generate(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
     from qwen.sampling import SamplingParams
 
@@ -129,6 +141,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="our engine's threads (default: the servers')")
     parser.add_argument("--no-compile", action="store_true", help="our eager decode step instead of the compiled one")
+    parser.add_argument("--context", type=int, default=0, metavar="N",
+                        help="prompts of N random ids, new every round; prints prefill and decode apart")
     args = parser.parse_args()
     require_vllm(args.peer_vllm)
 
@@ -165,32 +179,48 @@ def main() -> int:
             while engine.decode_step == "compiling":
                 time.sleep(1)
             print(f"ours: {threads} threads, decode step {engine.decode_step}", flush=True)
-            runs = {"ours": lambda p: ours_generate(engine, p, args.max_tokens),
-                    "vLLM": lambda p: vllm.generate(p, args.max_tokens)}  # fmt: skip
+            generate = {"ours": functools.partial(ours_generate, engine), "vLLM": vllm.generate}
+            runs = {name: functools.partial(run, max_tokens=args.max_tokens) for name, run in generate.items()}
             rates = {(name, n): [] for name in runs for n in (1, args.clients)}
+            prefills = {key: [] for key in rates}
             others = {"ours": [vllm.process.pid], "vLLM": []}  # paused while each runs (our engine idles by itself)
             for name, run in runs.items():  # warm-up
                 with paused(others[name]):
                     run(prompts[:2])
+            rng = random.Random(0)
             for r in range(args.rounds):
                 for n in (1, args.clients):
                     batch = [prompts[(r * n + i) % len(prompts)] for i in range(n)]
+                    if args.context:  # new prompts each round, the same for both: a cold prefill, then a generation
+                        cold, batch = (fresh_prompts(rng, n, args.context, len(tokenizer)) for _ in range(2))
                     for name, run in runs.items():
                         with paused(others[name]):
-                            seconds, tokens = run(batch)
+                            if args.context:
+                                prefill, _ = generate[name](cold, 1)
+                                seconds, tokens = run(batch)
+                                seconds, tokens = seconds - prefill, tokens - n
+                                prefills[name, n].append(prefill)
+                            else:
+                                seconds, tokens = run(batch)
                         rates[name, n].append(tokens / seconds)
                     print(f"round {r + 1}, {n} prompt(s): " + ", ".join(
-                        f"{name} {rates[name, n][-1]:.1f}" for name in runs) + " tokens/s", flush=True)
+                        f"{name} {rates[name, n][-1]:.1f}" for name in runs) + " tokens/s" + ("" if not args.context
+                        else " decoding; prefill " + ", ".join(f"{name} {prefills[name, n][-1]:.2f} s" for name in runs)),
+                        flush=True)  # fmt: skip
         finally:
             vllm.close()
             engine.shutdown()
     print(f"{args.max_tokens} tokens per prompt, greedy, ignore_eos, {args.rounds} interleaved rounds, vLLM paused "
-          "while ours runs")
+          "while ours runs" + (f"; prompts of {args.context} random ids, decode rates (prefill timed apart)"
+                               if args.context else ""))
     for n in (1, args.clients):
         ratios = [a / b for a, b in zip(rates["ours", n], rates["vLLM", n], strict=True)]
         print(f"{n} prompt(s): ours {statistics.median(rates['ours', n]):.1f}, vLLM "
               f"{statistics.median(rates['vLLM', n]):.1f} tokens/s (medians): ours / vLLM "
               f"{statistics.median(ratios):.2f}x (per round {min(ratios):.2f}-{max(ratios):.2f})")
+        if args.context:
+            print(f"  cold prefill of {n} x {args.context} tokens: ours {statistics.median(prefills['ours', n]):.2f} s, "
+                  f"vLLM {statistics.median(prefills['vLLM', n]):.2f} s (medians)")
     torch.set_num_threads(threads)  # the engine's threads, vLLM gone
     bandwidth, measured_by = read_bandwidth("cpu", torch.float32)
     bound = bandwidth / weight_bytes
