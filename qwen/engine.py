@@ -535,23 +535,26 @@ class Engine:
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         """Feed one token to each of `seqs`, in one forward over the slots 0 .. highest busy slot (a view of the
-        cache, no copy); the other slots in that range take a dummy token that only writes where nothing is kept."""
+        cache, no copy); the other slots in that range take a dummy token that only writes where nothing is kept
+        and sees no column (attention need not read a prefilling row's prompt for an output nobody uses)."""
         feeding = {s.slot: s for s in seqs}
         rows = list(range(max(s.slot for s in self._rows) + 1))
-        input_ids, columns, positions = [], [], []
+        input_ids, columns, positions, visible = [], [], [], []
         for slot in rows:
             seq = feeding.get(slot)
             if seq is not None:
                 input_ids.append(seq.tokens(seq.cached, seq.cached + 1))
                 columns.append([seq.cached])
                 positions.append([seq.cached])
+                visible.append([seq.cached])
             else:  # a free slot, or a row being prefilled: its next chunk overwrites this column
                 busy = self._slots[slot]
                 column = busy.cached if busy is not None else SPARE  # a free slot's kept prefix stays intact
                 input_ids.append([0])
                 columns.append([column])
                 positions.append([0])
-        logits = self._forward(rows, input_ids, columns, positions, columns)
+                visible.append([SPARE])
+        logits = self._forward(rows, input_ids, columns, positions, visible)
         for seq in seqs:
             seq.cached += 1
         slots = [s.slot for s in seqs]

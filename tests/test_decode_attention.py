@@ -195,3 +195,29 @@ def test_the_avx2_build_computes_attention_too(tmp_path):
 def test_the_kernels_library_serves_both_ops():
     kernels = torch._C._dispatch_dump("qwen::decode_attention")
     assert loaded_kernels() is not None and cpu_kernels.KERNEL_SOURCE.name in kernels.split("CPU: registered at")[1]
+
+
+def test_rows_a_decode_step_does_not_feed_see_no_column():
+    """A row still prefilling rides along in the decode forward with a dummy token: it sees no column, so
+    attention reads nothing for it (not its whole prompt so far), and its answer is still generate()'s."""
+    plain, model = build_engine_model("llama"), build_engine_model("llama")  # no NTK: long prompts are chunked
+    engine = Engine(model, max_batch_size=4, prefill_chunk=4)
+    masks, attention_mask = [], engine._cache.attention_mask
+    engine._cache.attention_mask = lambda plan, visible, *a: masks.append(
+        (plan.tokens, [s.slot for s in engine._rows if not s.decoding], attention_mask(plan, visible, *a))
+    ) or masks[-1][2]
+    first = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=10, temperature=0))
+    engine.step()
+    second = engine.submit(list(range(20, 40)), SamplingParams(max_new_tokens=3, temperature=0))
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    riding = [(mask, prefilling) for tokens, prefilling, mask in masks if tokens == 1 and prefilling]
+    assert riding  # decode steps while the second prompt was being read
+    for mask, prefilling in riding:
+        assert prefilling == [1] and mask.shape[0] == 2
+        assert (mask[1] == MIN).all() and (mask[0] == 0).any()  # slot 1 sees nothing, slot 0 its own columns
+    for handle, prompt in ((first, [5, 6, 7]), (second, list(range(20, 40)))):
+        tokens = [e.token_id for e in handle if isinstance(e, TokenEvent)]
+        with torch.inference_mode():
+            out = plain.generate(torch.tensor([prompt]), max_new_tokens=len(tokens), do_sample=False)
+        assert tokens == out[0, len(prompt):].tolist()
