@@ -42,13 +42,19 @@ def one_pass_seconds(layers: list[nn.Module], inputs: list[torch.Tensor]) -> flo
     return time.perf_counter() - start
 
 
+def kernel_bench_model(checkpoint_path: str | None, threads: int | None) -> nn.Module:
+    """The fp32 model a bench of our CPU kernels reads its shapes from, on `threads` torch threads; exits with a
+    message where the kernels cannot be built here."""
+    if threads:
+        torch.set_num_threads(threads)
+    if cpu_kernels() is None:
+        raise SystemExit("our CPU kernels are not available here (the warning above says why): nothing to compare")
+    return load_model_and_tokenizer(checkpoint_path, cpu_only=True, dtype="fp32")[0]
+
+
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cpu_kernels() is None:
-        raise SystemExit("the blocked kernel is not available here (the warning above says why): nothing to compare")
-    model, _ = load_model_and_tokenizer(args.checkpoint_path, cpu_only=True, dtype="fp32")
+    model = kernel_bench_model(args.checkpoint_path, args.threads)
     plain = [m for m in model.modules() if type(m) is nn.Linear]
     layers = {"plain": plain, **{layout: [PackedLinear(m, layout) for m in plain] for layout in LAYOUTS[:2]}}
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in plain)

@@ -27,6 +27,18 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def test_attention_bench_compares_ours_with_inductor_and_the_read_bound(tmp_path):
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, "-m", "bench.attention_bench", "-c", str(checkpoint), "--rows", "1", "3",
+                           "--widths", "70", "--runs", "1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "4 query heads, 4 kv heads of 16" in done.stdout
+    for rows in (1, 3):
+        assert all(f"rows {rows} width    70  {name}" in done.stdout for name in ("ours", "inductor", "read"))
+        assert f"rows {rows} width    70  ours / inductor" in done.stdout and "ours / read bound" in done.stdout
+
+
 @pytest.mark.slow
 def test_decode_bench_runs_and_prints_the_ratio():
     small = ["--layers", "1", "--hidden-size", "64", "--heads", "4", "--mlp-width", "128", "--vocab-size", "1000",
