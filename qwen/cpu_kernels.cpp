@@ -126,7 +126,8 @@ static at::Tensor blocked_linear_op(const at::Tensor &x, const at::Tensor &weigh
  * step) this read at 95-100% of torch.sum's rate on the same tensors, ~1.4x what inductor's fused loops did
  * (bench/README.md).
  *
- * A key the mask blocks is not read: in a batch each row reads only the columns it sees, not the longest row's
+ * A key the mask blocks is not computed with, and none past a row's last visible column is read at all (one in
+ * between may still be fetched ahead): in a batch each row reads only the columns it sees, not the longest row's
  * (and a free slot inside the batch's range, which sees nothing, reads nothing). Skipping it is exact, as its
  * weight e^(score + lowest - max) is 0 in fp32; a row that sees no key at all gets zeros (torch's softmax would
  * average every value). */
@@ -188,7 +189,7 @@ static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, 
   const long n = q.size(0), heads = q.size(1), kv_heads = k.size(1), W = k.size(2), D = q.size(3);
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == n &&
-                  k.size(3) == D && heads % kv_heads == 0 && D % VEC == 0 && D <= MAX_HEAD_DIM &&
+                  k.size(3) == D && kv_heads > 0 && heads % kv_heads == 0 && D % VEC == 0 && D <= MAX_HEAD_DIM &&
                   q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "qwen::decode_attention: needs fp32 q [n, heads, 1, D] and k, v [n, kv_heads, W, D], D a multiple of ",
               VEC, " up to ", MAX_HEAD_DIM, ", contiguous in D");
@@ -196,6 +197,7 @@ static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, 
                         (mask->size(0) == n || mask->size(0) == 1) && mask->size(1) == 1 && mask->size(2) == 1),
               "qwen::decode_attention: the mask must be an additive fp32 [n or 1, 1, 1, W]");
   at::Tensor out = at::empty({n, 1, heads, D}, q.options());
+  if (n == 0 || heads == 0) return out; /* nothing to compute (and no items to split the keys over) */
   if (W == 0) return out.zero_();
   const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
   const float *mp = mask ? mask->const_data_ptr<float>() : nullptr;

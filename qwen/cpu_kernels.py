@@ -138,25 +138,32 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
 DECODE_ATTENTION = "qwen_cpu_decode"  # its name in transformers' attention interface
 
 
-def _takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether qwen::decode_attention computes this attention (else sdpa does)."""
-    return (query.shape[2] == 1 and query.device.type == "cpu" and query.dtype == key.dtype == torch.float32
-            and query.shape[-1] % 16 == 0 and query.shape[-1] <= 256 and query.shape[1] % key.shape[1] == 0
-            and (mask is None or (mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1)))  # fmt: skip
+def _takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether qwen::decode_attention computes this attention (else sdpa does): every shape, dtype and stride its
+    checks accept (cpu_kernels.cpp), and no gradient asked for (the op has no backward)."""
+    n, heads, length, dim = query.shape
+    return (length == 1 and n > 0 and query.device.type == "cpu" and key.shape == value.shape
+            and query.dtype == key.dtype == value.dtype == torch.float32 and key.shape[0] == n
+            and key.shape[-1] == dim and dim % 16 == 0 and dim <= 256 and key.shape[1] > 0 and heads % key.shape[1] == 0
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+            and (mask is None or (mask.ndim == 4 and mask.shape[0] in (1, n) and mask.shape[1] == mask.shape[2] == 1
+                                  and mask.shape[3] >= key.shape[2] and mask.dtype in (torch.float32, torch.bool)))
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))  # fmt: skip
 
 
 def cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface under DECODE_ATTENTION: one query a row in fp32 on the CPU (a decode step)
     -> qwen::decode_attention; anything else (a prefill, another dtype or device) -> sdpa. Registered only where
     the kernels loaded (use_cpu_decode_attention), and traced by the compiled decode step: nothing here loads."""
-    if dropout or not _takes(query, key, attention_mask):
+    extra = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))  # terms sdpa takes
+    if dropout or extra or not _takes(query, key, value, attention_mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     mask = attention_mask
     if mask is not None:
         mask = mask[..., : key.shape[2]]
         if mask.dtype == torch.bool:  # sdpa's masks say where to attend
-            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)
+            mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, torch.finfo(query.dtype).min)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return torch.ops.qwen.decode_attention(query, key, value, mask, scale), None  # [n, 1, heads, D]
 

@@ -83,6 +83,8 @@ def test_it_refuses_what_it_cannot_compute():
         torch.ops.qwen.decode_attention(torch.randn(1, 3, 1, 64), key, value, None, 0.125)  # 3 heads on 2 kv heads
     with pytest.raises(RuntimeError, match="the mask must be an additive fp32"):
         torch.ops.qwen.decode_attention(torch.randn(1, 2, 1, 64), key, value, torch.zeros(1, 1, 1, 9), 0.125)
+    empty = torch.ops.qwen.decode_attention(torch.randn(0, 2, 1, 64), key[:0], value[:0], None, 0.125)
+    assert empty.shape == (0, 1, 2, 64)  # an empty batch: an empty answer (it divided by zero: SIGFPE)
 
 
 def test_the_interface_sends_the_rest_to_sdpa():
@@ -105,6 +107,16 @@ def test_the_interface_sends_the_rest_to_sdpa():
     got, _ = cpu_decode_attention(module, prefill, key, value, None, scaling=0.25)
     expected, _ = sdpa_attention_forward(module, prefill, key, value, None, scaling=0.25)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # what the op does not compute goes to sdpa whole (bit-equal), not to an error or a wrong answer
+    wide_values = torch.randn(2, 4, 12, 32)  # values of another head size than the keys (DeepSeek-V3's 192 / 128)
+    bias = torch.randn(2, 4, 1, 12)  # an additive term sdpa_attention_forward adds (position_bias)
+    asks_grad = query.clone().requires_grad_()  # the op has no backward
+    for q, v, kwargs in ((query, wide_values, {}), (query, value, {"position_bias": bias}), (asks_grad, value, {})):
+        got, _ = cpu_decode_attention(module, q, key, v, None, scaling=0.25, **kwargs)
+        expected, _ = sdpa_attention_forward(module, q, key, v, None, scaling=0.25, **kwargs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.sum().backward()
+    assert asks_grad.grad is not None and asks_grad.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["qwen", "llama"])  # QWen's own attention, and transformers' Llama (grouped queries)
