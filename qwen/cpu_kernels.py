@@ -111,12 +111,11 @@ def cpu_kernels() -> ctypes.CDLL | None:
     try:
         kernels = load_cpu_kernels()
     except KernelBuildError as exc:
-        log.warning("the CPU kernels are not available (%s); linear layers are packed for oneDNN instead", exc)
+        log.warning("the CPU kernels are not available (%s); linear layers are packed for oneDNN instead, and "
+                    "decode steps attend with sdpa", exc)
         return None
     kernels.qwen_kernels_register()
     return kernels
-
-
 
 
 torch.library.define("qwen::blocked_linear", "(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor")

@@ -216,6 +216,24 @@ def build_engine_model(name: str):
     return model
 
 
+def generate_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of model.generate on the prompt alone, no padding: what the engine must give a request."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def generate_logprobs(model, prompt: list[int], n: int) -> list[float]:
+    """Log-probabilities of each greedy token under model.generate on the prompt alone."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, len(prompt) :]
+    return [float(step[0].log_softmax(-1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # A tiny random QWen model, shared by the model and KV-cache tests
 

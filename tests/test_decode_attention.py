@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_engine_model, tiny_model
+from conftest import build_engine_model, generate_logprobs, generate_tokens, tiny_model
 
 from qwen import cpu_kernels
 from qwen.cpu_kernels import DECODE_ATTENTION, cpu_decode_attention, use_cpu_decode_attention
@@ -137,13 +137,8 @@ def test_the_engine_decodes_with_it_and_answers_as_without_it(arch):
     assert len(decodes) >= 9 and len(calls) == len(decodes) * plain.config.num_hidden_layers  # every step, layer
     for handle, prompt in zip(handles, prompts, strict=True):
         tokens = [e for e in handle if isinstance(e, TokenEvent)]
-        with torch.inference_mode():
-            out = plain.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)  # fmt: skip
-        expected = out.sequences[0, len(prompt):].tolist()
-        logprobs = [float(s[0].log_softmax(-1)[t]) for s, t in zip(out.scores, expected, strict=True)]
-        assert [e.token_id for e in tokens] == expected
-        assert [e.logprob for e in tokens] == pytest.approx(logprobs, abs=1e-4)
+        assert [e.token_id for e in tokens] == generate_tokens(plain, prompt, 12)
+        assert [e.logprob for e in tokens] == pytest.approx(generate_logprobs(plain, prompt, 12), abs=1e-4)
 
 
 def test_only_cpu_fp32_models_attending_with_sdpa_take_it():
@@ -228,8 +223,5 @@ def test_rows_a_decode_step_does_not_feed_see_no_column():
     for mask, prefilling in riding:
         assert prefilling == [1] and mask.shape[0] == 2
         assert (mask[1] == MIN).all() and (mask[0] == 0).any()  # slot 1 sees nothing, slot 0 its own columns
-    for handle, prompt in ((first, [5, 6, 7]), (second, list(range(20, 40)))):
-        tokens = [e.token_id for e in handle if isinstance(e, TokenEvent)]
-        with torch.inference_mode():
-            out = plain.generate(torch.tensor([prompt]), max_new_tokens=len(tokens), do_sample=False)
-        assert tokens == out[0, len(prompt):].tolist()
+    for handle, prompt, n in ((first, [5, 6, 7], 10), (second, list(range(20, 40)), 3)):
+        assert [e.token_id for e in handle if isinstance(e, TokenEvent)] == generate_tokens(plain, prompt, n)

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from conftest import build_engine_model as _build
+from conftest import generate_logprobs, generate_tokens
 
 import qwen.slot_cache
 from qwen.engine import (
@@ -29,24 +30,6 @@ HAS_QWEN_MODEL = importlib.util.find_spec("qwen.modeling_qwen") is not None
 @pytest.fixture(scope="module")
 def model():
     return _build("llama")
-
-
-def reference(model, prompt, n):
-    """Greedy tokens of model.generate on the prompt alone, no padding."""
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt) :].tolist()
-
-
-def reference_logprobs(model, prompt, n):
-    """Log-probabilities of each greedy token under model.generate on the prompt alone."""
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-    tokens = out.sequences[0, len(prompt) :]
-    return [float(step[0].log_softmax(-1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
 
 
 def greedy(n, **kw):
@@ -84,7 +67,7 @@ def run_staggered(engine, prompts, params, collect=True):
 )
 def test_staggered_batch_matches_generate_alone(name):
     model = _build(name)
-    expected = [reference(model, p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    expected = [generate_tokens(model, p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
     params = [greedy(n, logprobs=True) for n in BUDGETS]
     engine = Engine(model, max_batch_size=4)
     handles, peak = run_staggered(engine, PROMPTS, params, collect=False)
@@ -93,7 +76,7 @@ def test_staggered_batch_matches_generate_alone(name):
     assert [[e.token_id for e in ev[:-1]] for ev in events] == expected
     # log-probabilities too (more sensitive than greedy ids to a wrong position, NTK alpha or logN scale)
     for ev, prompt, n in zip(events, PROMPTS, BUDGETS, strict=True):
-        assert [e.logprob for e in ev[:-1]] == pytest.approx(reference_logprobs(model, prompt, n), abs=1e-4)
+        assert [e.logprob for e in ev[:-1]] == pytest.approx(generate_logprobs(model, prompt, n), abs=1e-4)
     results = [([e.token_id for e in ev[:-1]], ev[-1]) for ev in events]
     assert [(f.reason, f.prompt_tokens, f.completion_tokens) for _, f in results] == [
         ("length", len(p), n) for p, n in zip(PROMPTS, BUDGETS, strict=True)
@@ -135,7 +118,7 @@ def test_cancel_frees_the_slot(model):
         assert final.reason == "cancelled"
         assert engine.num_running == 0
         tokens, finish = engine.submit(PROMPTS[1], greedy(3)).result()
-        assert (tokens, finish.reason) == (reference(model, PROMPTS[1], 3), "length")
+        assert (tokens, finish.reason) == (generate_tokens(model, PROMPTS[1], 3), "length")
 
 
 def test_a_request_being_prefilled_counts_as_running(model):
@@ -164,7 +147,7 @@ def test_leaving_an_iteration_cancels(model):
             break
         assert handle.cancelled
         tokens, _ = engine.submit(PROMPTS[1], greedy(2)).result()  # the engine goes on serving
-        assert tokens == reference(model, PROMPTS[1], 2)
+        assert tokens == generate_tokens(model, PROMPTS[1], 2)
 
 
 def test_queue_limit_counts_waiting_and_running(model):
@@ -195,7 +178,7 @@ def test_logprobs_are_log_softmax_of_a_plain_forward(model):
 
 
 def test_stop_token_ends_with_stop(model):
-    expected = reference(model, PROMPTS[3], 10)
+    expected = generate_tokens(model, PROMPTS[3], 10)
     stop = expected[4]
     cut = expected.index(stop)
     engine = Engine(model)
@@ -208,7 +191,7 @@ def test_stop_token_ends_with_stop(model):
 
 
 def test_ignore_eos_generates_past_the_stop_tokens_to_max_new_tokens(model):
-    expected = reference(model, PROMPTS[3], 10)
+    expected = generate_tokens(model, PROMPTS[3], 10)
     engine = Engine(model)
     handle = engine.submit(PROMPTS[3], greedy(10, stop_token_ids=[expected[4]], ignore_eos=True))
     while engine.num_running or engine.num_waiting:
@@ -257,7 +240,7 @@ def test_a_failing_step_fails_its_requests_not_the_engine(model):
         assert (tokens, finish.reason) == ([], "error")
         assert "simulated out of memory" in finish.error
         tokens, finish = engine.submit(PROMPTS[1], greedy(3)).result()
-        assert (tokens, finish.reason) == (reference(model, PROMPTS[1], 3), "length")
+        assert (tokens, finish.reason) == (generate_tokens(model, PROMPTS[1], 3), "length")
 
 
 def test_shutdown_ends_open_requests(model):
@@ -270,7 +253,7 @@ def test_shutdown_ends_open_requests(model):
 
 def test_async_streams_leave_the_event_loop_free(model):
     budgets = (80, 60)
-    expected = [reference(model, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
+    expected = [generate_tokens(model, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
 
     async def main(engine):
         ticks = 0
@@ -308,7 +291,7 @@ def test_async_streams_are_woken_once_per_step_not_once_per_token(model):
     """Each thread-safe call wakes the server's thread, which then takes a core from the step's next parallel region:
     the engine wakes an event loop once per forward for all its streams (8 streams: +8% tokens/s, bench/README.md)."""
     budgets = (12, 9, 6, 10)
-    expected = [reference(model, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
+    expected = [generate_tokens(model, p, n) for p, n in zip(PROMPTS, budgets, strict=False)]
     wakeups, forwards = [], []
 
     async def main(engine):
@@ -352,7 +335,7 @@ def test_an_idle_engine_keeps_its_cache_for_a_while_then_gives_the_memory_back(m
             time.sleep(0.05)
         assert engine._cache.nbytes() == 0 and trims == [0]  # trimmed once, after the release
         tokens, final = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0)).result()
-        assert final.reason == "length" and tokens == reference(model, [5, 6, 7], 4)
+        assert final.reason == "length" and tokens == generate_tokens(model, [5, 6, 7], 4)
 
 
 def test_the_engine_thread_runs_with_its_own_thread_count(model):
