@@ -88,6 +88,26 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(dtype, layout):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_row_reads_tiles_in_groups_and_gets_the_batch_s_answer(threads):
+    """One row takes its own path (each thread's tiles read 3 at a time on AVX2): every group size, a partial last
+    tile and uneven thread shares give the product, bit-equal to that row's among 8 rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_features in (5, TILE, 70, 96, 300, 11 * TILE):
+            torch.manual_seed(out_features)
+            linear = nn.Linear(48, out_features)
+            layer = PackedLinear(linear)
+            x = torch.randn(8, 48)
+            with torch.inference_mode():
+                alone, together = layer(x[:1]), layer(x)[:1]
+            torch.testing.assert_close(alone, linear(x[:1]), rtol=1e-5, atol=1e-5)
+            assert torch.equal(alone, together), out_features
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_what_is_not_packed():
     class Adapter(nn.Linear):  # a subclass (quantized or adapter layer) is somebody else's kernel
         pass
