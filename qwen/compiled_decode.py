@@ -51,8 +51,8 @@ STEP_OPTIONS = {
 
 class ColumnWriteCache(Cache):
     """A decode step's cache, built inside the compiled graph: layer i's keys/values are `keys[i]`/`values[i]`
-    [n, heads, capacity, head_dim] (the engine's slots 0..n-1); each row's one new token is written at its column
-    (columns [n, 1]) and attention reads the first `width` columns."""
+    [n, heads, capacity, head_dim] (n consecutive slots of the engine's); each row's one new token is written at
+    its column (columns [n, 1]) and attention reads the first `width` columns."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], columns: torch.Tensor, width: int):
         super().__init__(layers=[])

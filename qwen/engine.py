@@ -534,11 +534,13 @@ class Engine:
             self._emit_tokens([seqs[i] for i in rows], logits[rows])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        """Feed one token to each of `seqs`, in one forward over the slots 0 .. highest busy slot (a view of the
-        cache, no copy); the other slots in that range take a dummy token that only writes where nothing is kept
-        and sees no column (attention need not read a prefilling row's prompt for an output nobody uses)."""
+        """Feed one token to each of `seqs`, in one forward over the slots lowest .. highest busy slot (a view of
+        the cache, no copy: one request costs a one-row step whichever slot it holds); the other slots in that range
+        take a dummy token that only writes where nothing is kept and sees no column (attention need not read a
+        prefilling row's prompt for an output nobody uses)."""
         feeding = {s.slot: s for s in seqs}
-        rows = list(range(max(s.slot for s in self._rows) + 1))
+        busy = [s.slot for s in self._rows]
+        rows = list(range(min(busy), max(busy) + 1))
         input_ids, columns, positions, visible = [], [], [], []
         for slot in rows:
             seq = feeding.get(slot)
@@ -558,7 +560,8 @@ class Engine:
         for seq in seqs:
             seq.cached += 1
         slots = [s.slot for s in seqs]
-        self._emit_tokens(seqs, logits if slots == rows else logits[slots])  # every slot fed: no copy of the logits
+        fed = logits if slots == rows else logits[[slot - rows[0] for slot in slots]]  # every row fed: no copy
+        self._emit_tokens(seqs, fed)
 
     def _forward(self, rows, input_ids, columns, positions, visible, copies=(), **kwargs) -> torch.Tensor:
         """One forward over cache slots `rows`: input_ids/columns/positions/visible are [n, T] Python lists

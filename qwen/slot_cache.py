@@ -217,17 +217,18 @@ class SlotCache(Cache):
         return self.plan_or_none
 
     def storage_of(self, plan: _Plan) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """Per layer, the keys and values of slots 0..n-1 at full capacity (views), for a forward over rows 0..n-1
-        that writes its tokens itself (the compiled decode step); None if the storage must grow first, if the
-        rows are not 0..n-1 or if it is not stored plain."""
+        """Per layer, the keys and values of the plan's slots at full capacity (views), for a forward over
+        consecutive rows that writes its tokens itself (the compiled decode step); None if the storage must grow
+        first, if the rows are not consecutive or if it is not stored plain."""
         slots, columns = self.capacity
-        if not self.layers or plan.row_slice != slice(0, plan.n) or not isinstance(self.store, PlainStore):
+        if not self.layers or plan.row_slice is None or not isinstance(self.store, PlainStore):
             return None
         if plan.copies:  # the layers' update makes them
             return None
         if not all(layer.holds(slots, columns) for layer in self.layers):
             return None
-        return [layer.tensors[0][: plan.n] for layer in self.layers], [layer.tensors[1][: plan.n] for layer in self.layers]
+        rows = plan.row_slice
+        return [layer.tensors[0][rows] for layer in self.layers], [layer.tensors[1][rows] for layer in self.layers]
 
     def attention_mask(self, plan: _Plan, visible_to: list[list[int]], dtype: torch.dtype, device) -> torch.Tensor:
         """Additive mask [n, 1, T, width]: query j of row i sees columns 0 .. visible_to[i][j] (inclusive)."""

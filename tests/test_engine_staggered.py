@@ -111,6 +111,30 @@ def test_a_long_prompt_does_not_stall_running_requests():
     assert [e.token_id for e in long if isinstance(e, TokenEvent)][0] == first
 
 
+@pytest.mark.parametrize("variant", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_one_request_in_a_high_slot_decodes_one_row(variant, monkeypatch):
+    """A request alone in slot 3 (the three before it finished) costs a one-row step, not four rows, in the eager
+    and the compiled step, and gets the answer it gets alone."""
+    model = _build("llama")
+    pack_linear_weights(model)
+    options = dict(max_batch_size=4, prefix_cache=False)
+    engine = compiled_engine(model, **options) if variant == "compiled" else Engine(model, **options)
+    widths, forward = [], engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda rows, *a, **k: widths.append(len(rows)) or forward(rows, *a, **k))
+    prompt = [9, 8, 7, 6, 5]
+    handles = [engine.submit([i + 1, i + 2], params(1)) for i in range(3)] + [engine.submit(prompt, params(8))]
+    compiled_before = engine.compiled_steps
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+    assert [s for s in engine._slots] == [None] * 4 and handles[3].result()[0] == alone_tokens(model, prompt, 8)
+    assert widths == [4] + [1] * 7  # one prefill of the four, then seven one-row decode steps
+    assert engine.compiled_steps - compiled_before == (7 if variant == "compiled" else 0)
+
+
+def alone_tokens(model, prompt, n):
+    return [e.token_id for e in alone(model, prompt, n)]
+
+
 def test_int8_cache_rows_match_each_request_alone():
     pytest.importorskip("qwen.kv_cache")  # the int8 scheme (use_cache_quantization) lives there
     torch.manual_seed(0)
