@@ -55,11 +55,13 @@ def test_the_demo_model_answers_the_same_when_packed(demo_checkpoint):
     assert "Paris" in tokenizer.decode(outputs[1])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17])
-@pytest.mark.parametrize("out_features, in_features, bias", [(300, 64, True), (TILE, 33, False), (5, 1, True)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, 48, 53])
+@pytest.mark.parametrize("out_features, in_features, bias",
+                         [(300, 64, True), (TILE, 33, False), (5, 1, True), (TILE + 20, 7, True)])
 def test_the_blocked_kernel_computes_the_product(rows, out_features, in_features, bias):
-    """Every row count the kernel's row passes split differently (8 at a time here, 4 without AVX-512), a last
-    tile of weight rows that is partly padding, an odd and a length-1 inner dimension, with and without bias."""
+    """Every row count the kernel's row passes split differently (8 at a time with AVX-512, 2 with AVX2; from 48
+    rows, AVX2, 6 at a time over half tiles), a last tile of weight rows that is partly padding (one of whose halves
+    is all padding, or partly), an odd and a length-1 inner dimension, with and without bias."""
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias)
     layer = PackedLinear(linear)
@@ -77,15 +79,16 @@ BF16 = pytest.param(torch.bfloat16, "onednn", marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("dtype, layout", [(torch.float32, "blocked"), BF16])
 def test_rows_do_not_depend_on_the_rest_of_the_batch(dtype, layout):
-    """What the engine's batching relies on: a row's output is the same alone and among 8, in both layouts."""
+    """What the engine's batching relies on: a row's output is the same alone, among 8 and among 60 (a prompt
+    chunk's pass), in both layouts."""
     torch.manual_seed(0)
     layer = PackedLinear(nn.Linear(64, 300).to(dtype))
     assert layer.layout == layout
-    x = torch.randn(8, 1, 64, dtype=dtype)
+    x = torch.randn(60, 1, 64, dtype=dtype)
     with torch.inference_mode():
-        together = layer(x)
-        alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
-    assert torch.equal(together, alone)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(60)])
+        assert torch.equal(layer(x[:8]), alone[:8])
+        assert torch.equal(layer(x), alone)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -185,7 +188,7 @@ def test_each_instruction_set_s_build_computes_the_product(march, tmp_path, monk
     torch.manual_seed(0)
     weight, bias = torch.randn(70, 45), torch.randn(70)
     blocked = to_blocked(weight)
-    for rows in (1, 2, 3, 9):
+    for rows in (1, 2, 3, 9, 49):
         x = torch.randn(rows, 45)
         y = torch.full((rows, 70), float("nan"))
         kernel.blocked_linear(x.data_ptr(), rows, 45, blocked.data_ptr(), bias.data_ptr(), 70, y.data_ptr())
