@@ -48,29 +48,31 @@
 
 typedef float vec __attribute__((vector_size(VEC * 4), aligned(4)));
 
-/* y[r, 0..nn) = x[r, :] . w[:, 0..nn) + b for the mr rows of x, one tile w [K][TILE]; at step k it also fetches
+/* y[r, 0..nn) = x[r, :] . w[:, 0..nn) + b for the mr rows of x (at most ROWS), over VECS vectors of one tile w
+ * [K][TILE] (all NV of them, or the NV / 2 of half a tile: w then points at that half); at step k it also fetches
  * `lines` cache lines from fetch + k * lines * 64 bytes (none, or the weights ahead: see blocked_linear) */
+template <int ROWS, int VECS>
 static inline __attribute__((always_inline)) void tile(const float *x, long K, const float *w, const float *bias,
-                                                       float *y, long ldy, long nn, int mr, const char *fetch,
-                                                       int lines) {
+                                                       float *y, long ldy, long nn, int mr, const char *fetch = NULL,
+                                                       int lines = 0) {
   float start[TILE] = {0};
   if (bias)
     for (long j = 0; j < nn; j++) start[j] = bias[j];
-  vec acc[MR][NV];
+  vec acc[ROWS][VECS];
   for (int r = 0; r < mr; r++)
-    for (int v = 0; v < NV; v++) acc[r][v] = *(const vec *)(start + v * VEC);
+    for (int v = 0; v < VECS; v++) acc[r][v] = *(const vec *)(start + v * VEC);
   for (long k = 0; k < K; k++) {
     for (int line = 0; line < lines; line++) __builtin_prefetch(fetch + (k * lines + line) * 64);
-    vec wk[NV];
-    for (int v = 0; v < NV; v++) wk[v] = *(const vec *)(w + k * TILE + v * VEC);
+    vec wk[VECS];
+    for (int v = 0; v < VECS; v++) wk[v] = *(const vec *)(w + k * TILE + v * VEC);
     for (int r = 0; r < mr; r++) {
       float s = x[r * K + k];
-      for (int v = 0; v < NV; v++) acc[r][v] += wk[v] * s;
+      for (int v = 0; v < VECS; v++) acc[r][v] += wk[v] * s;
     }
   }
   for (int r = 0; r < mr; r++) {
     float out[TILE];
-    for (int v = 0; v < NV; v++) *(vec *)(out + v * VEC) = acc[r][v];
+    for (int v = 0; v < VECS; v++) *(vec *)(out + v * VEC) = acc[r][v];
     for (long j = 0; j < nn; j++) y[r * ldy + j] = out[j];
   }
 }
@@ -127,35 +129,11 @@ static void blocked_linear_row(const float *x, long K, const float *wb, const fl
 }
 
 #if HALF_ROWS
-/* Many rows (a prompt chunk) are bound by the multiply-adds, not by memory: y[r, 0..nn) for the mr rows of x
- * against half a tile (TILE / 2 outputs; w: the tile's first weight of that half, still TILE floats a k step).
- * Up to 6 rows a pass keep 12 accumulators in flight against the FMA latency where 2 rows x a whole tile keep 8.
- * Each output's arithmetic is the whole-tile pass's. On Zen 3 the demo model's 151 products 1.22x faster at 128
- * rows, 1.08x at 48, 0.97x at 24, 0.81x at 12 (each tile is swept twice) (bench/README.md). */
-static inline __attribute__((always_inline)) void half_tile(const float *x, long K, const float *w, const float *bias,
-                                                            float *y, long ldy, long nn, int mr) {
-  float start[TILE / 2] = {0};
-  if (bias)
-    for (long j = 0; j < nn; j++) start[j] = bias[j];
-  vec acc[HALF_ROWS][NV / 2];
-  for (int r = 0; r < mr; r++)
-    for (int v = 0; v < NV / 2; v++) acc[r][v] = *(const vec *)(start + v * VEC);
-  for (long k = 0; k < K; k++) {
-    vec wk[NV / 2];
-    for (int v = 0; v < NV / 2; v++) wk[v] = *(const vec *)(w + k * TILE + v * VEC);
-    for (int r = 0; r < mr; r++) {
-      float s = x[r * K + k];
-      for (int v = 0; v < NV / 2; v++) acc[r][v] += wk[v] * s;
-    }
-  }
-  for (int r = 0; r < mr; r++) {
-    float out[TILE / 2];
-    for (int v = 0; v < NV / 2; v++) *(vec *)(out + v * VEC) = acc[r][v];
-    for (long j = 0; j < nn; j++) y[r * ldy + j] = out[j];
-  }
-}
-
-/* y [M, N] for M >= HALF_FROM rows: threads split the tiles; each tile is swept once per half */
+/* y [M, N] for M >= HALF_FROM rows (a prompt chunk), bound by the multiply-adds rather than by memory: threads
+ * split the tiles, and each tile is swept once per half (TILE / 2 outputs), HALF_ROWS rows a pass: 12
+ * accumulators in flight against the FMA latency where 2 rows x a whole tile keep 8. Each output's arithmetic is
+ * the whole-tile pass's. On Zen 3 the demo model's 151 products 1.22x faster at 128 rows, 1.08x at 48, 0.97x at
+ * 24, 0.81x at 12 (bench/README.md). */
 static void blocked_linear_halves(const float *x, long M, long K, const float *wb, const float *bias, long N, float *y) {
   long tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static)
@@ -169,12 +147,12 @@ static void blocked_linear_halves(const float *x, long M, long K, const float *w
         const float *xm = x + m * K;
         float *ym = y + m * N + first;
         switch (M - m < HALF_ROWS ? M - m : HALF_ROWS) { /* a literal mr each: the row loops unroll */
-          case 1: half_tile(xm, K, w, b, ym, N, nn, 1); break;
-          case 2: half_tile(xm, K, w, b, ym, N, nn, 2); break;
-          case 3: half_tile(xm, K, w, b, ym, N, nn, 3); break;
-          case 4: half_tile(xm, K, w, b, ym, N, nn, 4); break;
-          case 5: half_tile(xm, K, w, b, ym, N, nn, 5); break;
-          default: half_tile(xm, K, w, b, ym, N, nn, HALF_ROWS); break;
+          case 1: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, 1); break;
+          case 2: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, 2); break;
+          case 3: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, 3); break;
+          case 4: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, 4); break;
+          case 5: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, 5); break;
+          default: tile<HALF_ROWS, NV / 2>(xm, K, w, b, ym, N, nn, HALF_ROWS); break;
         }
       }
     }
@@ -208,16 +186,16 @@ extern "C" void blocked_linear(const float *x, long M, long K, const float *wb, 
         lines = pass < 2 && t + 1 < tiles ? 1 : 0;
       }
       switch (M - m < MR ? M - m : MR) { /* a literal mr each: the row loops unroll */
-        case 1: tile(xm, K, w, b, ym, N, nn, 1, fetch, lines); break;
+        case 1: tile<MR, NV>(xm, K, w, b, ym, N, nn, 1, fetch, lines); break;
 #if MR == 8
-        case 2: tile(xm, K, w, b, ym, N, nn, 2, fetch, lines); break;
-        case 3: tile(xm, K, w, b, ym, N, nn, 3, fetch, lines); break;
-        case 4: tile(xm, K, w, b, ym, N, nn, 4, fetch, lines); break;
-        case 5: tile(xm, K, w, b, ym, N, nn, 5, fetch, lines); break;
-        case 6: tile(xm, K, w, b, ym, N, nn, 6, fetch, lines); break;
-        case 7: tile(xm, K, w, b, ym, N, nn, 7, fetch, lines); break;
+        case 2: tile<MR, NV>(xm, K, w, b, ym, N, nn, 2, fetch, lines); break;
+        case 3: tile<MR, NV>(xm, K, w, b, ym, N, nn, 3, fetch, lines); break;
+        case 4: tile<MR, NV>(xm, K, w, b, ym, N, nn, 4, fetch, lines); break;
+        case 5: tile<MR, NV>(xm, K, w, b, ym, N, nn, 5, fetch, lines); break;
+        case 6: tile<MR, NV>(xm, K, w, b, ym, N, nn, 6, fetch, lines); break;
+        case 7: tile<MR, NV>(xm, K, w, b, ym, N, nn, 7, fetch, lines); break;
 #endif
-        default: tile(xm, K, w, b, ym, N, nn, MR, fetch, lines); break;
+        default: tile<MR, NV>(xm, K, w, b, ym, N, nn, MR, fetch, lines); break;
       }
     }
   }
