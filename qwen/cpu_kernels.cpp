@@ -48,60 +48,46 @@
 
 typedef float vec __attribute__((vector_size(VEC * 4), aligned(4)));
 
-/* y[r, 0..nn) = x[r, :] . w[:, 0..nn) + b for the mr rows of x (at most ROWS), over VECS vectors of one tile w
- * [K][TILE] (all NV of them, or the NV / 2 of half a tile: w then points at that half); at step k it also fetches
- * `lines` cache lines from fetch + k * lines * 64 bytes (none, or the weights ahead: see blocked_linear) */
-template <int ROWS, int VECS>
+/* y[r, g * TILE + 0..) = x[r, :] . w_g + b for the mr rows of x (at most ROWS) and TILES consecutive tiles w_g =
+ * w + g * K * TILE, each [K][TILE], over VECS vectors of each (all NV, or the NV / 2 of half a tile: w then points
+ * at that half); only the last tile can be the matrix's partial one, with nn outputs. At step k it also fetches
+ * `lines` cache lines from fetch + k * lines * 64 bytes (none, or the weights ahead: see blocked_linear).
+ *
+ * TILES > 1 is for one input row: that many weight streams in flight instead of one. With one row a tile's k loop
+ * is a chain of dependent FMAs, and one stream left memory idle: on an AMD EPYC Zen 3 (AVX2) the demo model's 151
+ * products at 1 row read 1.3x faster with 3 tiles at once than one tile fetched ahead (bench/README.md), and
+ * fetching ahead as well was slower. Each output's arithmetic is the same whatever ROWS, TILES and VECS. */
+template <int ROWS, int VECS, int TILES = 1>
 static inline __attribute__((always_inline)) void tile(const float *x, long K, const float *w, const float *bias,
                                                        float *y, long ldy, long nn, int mr, const char *fetch = NULL,
                                                        int lines = 0) {
-  float start[TILE] = {0};
-  if (bias)
-    for (long j = 0; j < nn; j++) start[j] = bias[j];
-  vec acc[ROWS][VECS];
-  for (int r = 0; r < mr; r++)
-    for (int v = 0; v < VECS; v++) acc[r][v] = *(const vec *)(start + v * VEC);
-  for (long k = 0; k < K; k++) {
-    for (int line = 0; line < lines; line++) __builtin_prefetch(fetch + (k * lines + line) * 64);
-    vec wk[VECS];
-    for (int v = 0; v < VECS; v++) wk[v] = *(const vec *)(w + k * TILE + v * VEC);
-    for (int r = 0; r < mr; r++) {
-      float s = x[r * K + k];
-      for (int v = 0; v < VECS; v++) acc[r][v] += wk[v] * s;
-    }
-  }
-  for (int r = 0; r < mr; r++) {
-    float out[TILE];
-    for (int v = 0; v < VECS; v++) *(vec *)(out + v * VEC) = acc[r][v];
-    for (long j = 0; j < nn; j++) y[r * ldy + j] = out[j];
-  }
-}
-
-/* One input row against G consecutive tiles at once: G weight streams in flight instead of one. With one row a
- * tile's k loop is a chain of dependent FMAs, and one stream left memory idle: on an AMD EPYC Zen 3 (AVX2) the
- * demo model's 151 products at 1 row read 1.3x faster with 3 tiles at once than one tile fetched ahead
- * (bench/README.md), and fetching ahead as well was slower. Each output's arithmetic is the single tile's. */
-template <int G>
-static inline void row_tiles(const float *x, long K, const float *w, const float *bias, float *y, long nn) {
-  vec acc[G][NV];
-  for (int g = 0; g < G; g++) {
+  vec acc[ROWS][TILES][VECS];
+  for (int g = 0; g < TILES; g++) {
     float start[TILE] = {0};
-    long outputs = g < G - 1 ? TILE : nn; /* only the group's last tile can be the matrix's partial one */
+    long outputs = g < TILES - 1 ? TILE : nn;
     if (bias)
       for (long j = 0; j < outputs; j++) start[j] = bias[g * TILE + j];
-    for (int v = 0; v < NV; v++) acc[g][v] = *(const vec *)(start + v * VEC);
+    for (int r = 0; r < mr; r++)
+      for (int v = 0; v < VECS; v++) acc[r][g][v] = *(const vec *)(start + v * VEC);
   }
   for (long k = 0; k < K; k++) {
-    float s = x[k];
-    for (int g = 0; g < G; g++)
-      for (int v = 0; v < NV; v++) acc[g][v] += *(const vec *)(w + (g * K + k) * TILE + v * VEC) * s;
+    for (int line = 0; line < lines; line++) __builtin_prefetch(fetch + (k * lines + line) * 64);
+    for (int g = 0; g < TILES; g++) {
+      vec wk[VECS];
+      for (int v = 0; v < VECS; v++) wk[v] = *(const vec *)(w + (g * K + k) * TILE + v * VEC);
+      for (int r = 0; r < mr; r++) {
+        float s = x[r * K + k];
+        for (int v = 0; v < VECS; v++) acc[r][g][v] += wk[v] * s;
+      }
+    }
   }
-  for (int g = 0; g < G; g++) {
-    float out[TILE];
-    for (int v = 0; v < NV; v++) *(vec *)(out + v * VEC) = acc[g][v];
-    long outputs = g < G - 1 ? TILE : nn;
-    for (long j = 0; j < outputs; j++) y[g * TILE + j] = out[j];
-  }
+  for (int r = 0; r < mr; r++)
+    for (int g = 0; g < TILES; g++) {
+      float out[TILE];
+      for (int v = 0; v < VECS; v++) *(vec *)(out + v * VEC) = acc[r][g][v];
+      long outputs = g < TILES - 1 ? TILE : nn;
+      for (long j = 0; j < outputs; j++) y[r * ldy + g * TILE + j] = out[j];
+    }
 }
 
 /* y [1, N] for one row: each thread takes a contiguous run of tiles and reads it ROW_TILES tiles at a time */
@@ -117,12 +103,12 @@ static void blocked_linear_row(const float *x, long K, const float *wb, const fl
       const float *w = wb + t * K * TILE, *b = bias ? bias + t * TILE : NULL;
       switch (g) { /* a literal count each: the tile loops unroll */
 #if ROW_TILES >= 3
-        case 3: row_tiles<3>(x, K, w, b, y + t * TILE, nn); break;
+        case 3: tile<1, NV, 3>(x, K, w, b, y + t * TILE, N, nn, 1); break;
 #endif
 #if ROW_TILES >= 2
-        case 2: row_tiles<2>(x, K, w, b, y + t * TILE, nn); break;
+        case 2: tile<1, NV, 2>(x, K, w, b, y + t * TILE, N, nn, 1); break;
 #endif
-        default: row_tiles<1>(x, K, w, b, y + t * TILE, nn); break;
+        default: tile<1, NV, 1>(x, K, w, b, y + t * TILE, N, nn, 1); break;
       }
     }
   }
