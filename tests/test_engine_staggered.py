@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from conftest import build_engine_model as _build
+from conftest import generate_tokens
 
 from qwen.engine import Engine, FinishEvent, SamplingParams, TokenEvent
 from qwen.packed_linear import pack_linear_weights
@@ -126,13 +127,9 @@ def test_one_request_in_a_high_slot_decodes_one_row(variant, monkeypatch):
     compiled_before = engine.compiled_steps
     while engine.num_running or engine.num_waiting:
         engine.step()
-    assert [s for s in engine._slots] == [None] * 4 and handles[3].result()[0] == alone_tokens(model, prompt, 8)
+    assert engine._slots == [None] * 4 and handles[3].result()[0] == generate_tokens(model, prompt, 8)
     assert widths == [4] + [1] * 7  # one prefill of the four, then seven one-row decode steps
     assert engine.compiled_steps - compiled_before == (7 if variant == "compiled" else 0)
-
-
-def alone_tokens(model, prompt, n):
-    return [e.token_id for e in alone(model, prompt, n)]
 
 
 def test_int8_cache_rows_match_each_request_alone():
